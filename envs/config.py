@@ -1,0 +1,27 @@
+"""The environment's settings, as one dataclass that tyro turns into `--env.*` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+STACK_CUBE = "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"
+
+
+@dataclass
+class EnvConfig:
+    task: str = STACK_CUBE
+    """Isaac Lab task id. Isaac Lab 2.x names (`Isaac-...-v0`) are accepted for the stack-cube task."""
+    num_envs: int = 2
+    """Parallel sub-environments on this process's device."""
+    device: str = "auto"
+    """Simulation device: `cpu`, `cuda`, `cuda:N`, or `auto` (this rank's GPU if there is one, else CPU)."""
+    image_size: int = 224
+    """Height and width of every camera image, in pixels (camera tasks only)."""
+    max_episode_steps: int | None = None
+    """Time limit in env steps; `None` keeps the task's own (stack-cube: 448 steps at 20 Hz, as RLinf)."""
+    assets: Literal["offline", "official"] = "offline"
+    """`offline`: USD assets built locally from PyPI sources (no network). `official`: NVIDIA's asset server."""
+    sim: Literal["kitless", "kit"] = "kitless"
+    """`kitless`: Newton physics + Warp ray-traced cameras (no Isaac Sim). `kit`: Isaac Sim with PhysX and RTX
+    cameras through AppLauncher (needs Isaac Sim installed; not run by this project's CI)."""

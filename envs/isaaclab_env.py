@@ -1,0 +1,265 @@
+"""One adapter for any Isaac Lab task: batched torch tensors in, batched torch tensors out.
+
+Contract (shared by every algorithm in `algos/`):
+
+    env = make_env(EnvConfig(...))
+    obs = env.reset(seed=0, reset_keys=None)
+    obs, reward, terminated, truncated, info = env.step(actions)
+
+    obs         {"state": float32 [N, S]} and, for camera tasks, "rgb": uint8 [N, V, H, W, 3]
+    actions     float32 [N, A] on any device; checked for shape, dtype and finiteness
+    reward      float32 [N]
+    terminated  bool [N]   the episode ended inside the MDP (success, a cube fell): do not bootstrap
+    truncated   bool [N]   the time limit ended it: bootstrap
+    info        "success" bool [N] (the task's success test held this step);
+                "episode_return" float32 [N] and "episode_length" int64 [N], valid where terminated | truncated
+
+Finished sub-envs are reset inside `step`; the obs returned for them is the first of the next episode.
+Initial states are drawn from *reset keys*: for tasks that support it (stack-cube), sub-envs that reset with
+the same key start from identical states (cube poses, robot joints). `reset(seed, reset_keys=k)` sets every
+env's key; later automatic resets draw fresh keys from a generator seeded by `seed`.
+
+Kit-less by default: Newton physics (MuJoCo-Warp solver), Warp ray-traced cameras, no Isaac Sim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+from typing import Any
+
+import torch
+
+from envs import assets, tasks
+from envs.config import EnvConfig
+
+# Isaac Lab 2.x ids (with Isaac Sim) → Isaac Lab 3.0 ids.
+TASK_ALIASES = {
+    "Isaac-Stack-Cube-Franka-IK-Rel-Visuomotor-Cosmos-v0": "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor-Cosmos",
+    "Isaac-Stack-Cube-Franka-IK-Rel-Visuomotor-v0": "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor",
+    "Isaac-Cartpole-v0": "Isaac-Cartpole",
+    "Isaac-Ant-v0": "Isaac-Ant",
+    "Isaac-Reach-Franka-v0": "Isaac-Reach-Franka",
+    "Isaac-Lift-Cube-Franka-v0": "Isaac-Lift-Franka",
+}
+
+
+def registered_tasks() -> list[str]:
+    """Every task id Isaac Lab registers with gymnasium (imports isaaclab_tasks)."""
+    import gymnasium as gym
+    import isaaclab_tasks  # noqa: F401  (registers the tasks)
+
+    return sorted(k for k in gym.registry if k.startswith("Isaac"))
+
+
+def resolve_task(name: str) -> str:
+    """Map a 2.x alias to its 3.0 id; an unknown id raises with the closest registered names."""
+    name = TASK_ALIASES.get(name, name)
+    known = registered_tasks()
+    if name not in known:
+        close = difflib.get_close_matches(name, known + list(TASK_ALIASES), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown Isaac Lab task {name!r}.{hint} ({len(known)} tasks are registered.)")
+    return name
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--env.device {device} asked for a GPU, but torch sees none. Use cpu or auto.")
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def make_env(cfg: EnvConfig) -> IsaacLabEnv:
+    return IsaacLabEnv(cfg)
+
+
+class IsaacLabEnv:
+    def __init__(self, cfg: EnvConfig):
+        if cfg.num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {cfg.num_envs}")
+        if cfg.image_size < 16:
+            raise ValueError(f"image_size must be >= 16 pixels, got {cfg.image_size}")
+        self.cfg = cfg
+        # The asset root must be set before the first isaaclab import (Isaac Lab reads it once).
+        if cfg.assets == "offline":
+            assets.use_asset_root(assets.ensure_offline_assets())
+        self.task = resolve_task(cfg.task)
+        self.device = resolve_device(cfg.device)
+        self.num_envs = cfg.num_envs
+        self.spec = tasks.spec_for(self.task)
+
+        env_cfg = self._build_cfg()
+        self._launch = contextlib.ExitStack()
+        self._env = self._launch_env(env_cfg)
+        self.spec.bind(self._env, self)
+
+        self.step_dt = float(self._env.step_dt)
+        self.max_episode_steps = int(self._env.max_episode_length)
+        self.action_dim = int(self._env.action_manager.total_action_dim)
+        self.instruction = self.spec.instruction
+        self.num_views = len(self.spec.camera_names)
+
+        n, dev = self.num_envs, self.device
+        self.episode_return = torch.zeros(n, device=dev)
+        self.episode_length = torch.zeros(n, dtype=torch.long, device=dev)
+        self.reset_keys = torch.zeros(n, dtype=torch.long, device="cpu")  # the key each env last started from
+        self._next_keys = torch.zeros(n, dtype=torch.long, device="cpu")
+        self._key_generator = torch.Generator().manual_seed(0)
+        dims = self._env.observation_manager.group_obs_term_dim["policy"]
+        names = self._env.observation_manager.active_terms["policy"]
+        self.state_dim = int(dims[names.index("state")][0]) if "state" in names else int(sum(d[0] for d in dims))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # construction
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _build_cfg(self):
+        from isaaclab_tasks.utils.hydra import resolve_presets
+        from isaaclab_tasks.utils.parse_cfg import load_cfg_from_registry
+
+        env_cfg = load_cfg_from_registry(self.task, "env_cfg_entry_point")
+        presets = ("newton_mjwarp", "newton_renderer") if self.cfg.sim == "kitless" else ()
+        env_cfg = resolve_presets(env_cfg, selected=presets)
+        env_cfg.sim.device = self.device
+        env_cfg.scene.num_envs = self.num_envs
+        if self.cfg.sim == "kitless":
+            env_cfg.scene.replicate_physics = True  # Newton builds one prototype world and clones it
+        tasks.patch_robot(env_cfg, kitless=self.cfg.sim == "kitless")
+        self.spec.patch(env_cfg, self.cfg)
+        if self.cfg.max_episode_steps is not None:
+            if self.cfg.max_episode_steps < 1:
+                raise ValueError(f"max_episode_steps must be >= 1, got {self.cfg.max_episode_steps}")
+            env_cfg.episode_length_s = self.cfg.max_episode_steps * env_cfg.sim.dt * env_cfg.decimation
+        return env_cfg
+
+    def _launch_env(self, env_cfg):
+        import gymnasium as gym
+        from isaaclab.app import launch_simulation
+        from isaaclab.app.sim_launcher import validate_launch
+
+        launcher_args: dict[str, Any] = {"device": self.device}
+        _, kit_sources = validate_launch(env_cfg, dict(launcher_args))
+        if self.cfg.sim == "kitless" and kit_sources:
+            raise RuntimeError(
+                f"Task {self.task!r} as configured needs Isaac Sim (Kit) for: {'; '.join(kit_sources)}. "
+                "leanvla runs it kit-less only if every part has a Newton/Warp equivalent; "
+                "install Isaac Sim and pass --env.sim kit to use Kit."
+            )
+        if self.cfg.sim == "kit":
+            try:
+                import isaacsim  # noqa: F401
+            except ImportError as e:
+                raise RuntimeError(
+                    "--env.sim kit needs Isaac Sim (pip install isaacsim, with Isaac Lab 2.x/3.0 and a GPU with RTX); "
+                    "it is not installed here. Use --env.sim kitless (Newton physics, Warp cameras)."
+                ) from e
+            launcher_args["require_kit"] = True
+            launcher_args["enable_cameras"] = bool(self.spec.camera_names)
+        self._launch.enter_context(launch_simulation(env_cfg, launcher_args))
+        try:
+            env = gym.make(self.task, cfg=env_cfg).unwrapped
+        except BaseException:
+            self._launch.close()
+            raise
+        return env
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the contract
+    # ----------------------------------------------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None, reset_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Reset every sub-env. `reset_keys` (int64 [N]): envs that share a key start identically."""
+        if seed is not None:
+            self._key_generator.manual_seed(seed)
+        if reset_keys is None:
+            reset_keys = self._draw_keys(self.num_envs)
+        else:
+            reset_keys = torch.as_tensor(reset_keys)
+            if reset_keys.shape != (self.num_envs,) or reset_keys.dtype not in (torch.int32, torch.int64):
+                raise ValueError(
+                    f"reset_keys must be an integer tensor of shape ({self.num_envs},), "
+                    f"got {tuple(reset_keys.shape)} {reset_keys.dtype}"
+                )
+            if not self.spec.keyed_resets:
+                raise ValueError(f"Task {self.task!r} does not support keyed (group) resets; pass reset_keys=None.")
+        self._next_keys[:] = reset_keys.to("cpu", torch.long)
+        obs, _ = self._env.reset(seed=seed)
+        self.episode_return.zero_()
+        self.episode_length.zero_()
+        return self.spec.observe(obs)
+
+    def step(self, actions: torch.Tensor):
+        actions = self._check_actions(actions)
+        obs, env_reward, terminated, truncated, _ = self._env.step(actions)
+        success = self.spec.success(self._env)
+        reward = self.spec.reward(self._env, env_reward, success).to(torch.float32)
+        self.episode_return += reward
+        self.episode_length += 1
+        done = terminated | truncated
+        info = {
+            "success": success,
+            "episode_return": self.episode_return.clone(),
+            "episode_length": self.episode_length.clone(),
+        }
+        self.episode_return.masked_fill_(done, 0.0)
+        self.episode_length.masked_fill_(done, 0)
+        return self.spec.observe(obs), reward, terminated.clone(), truncated.clone(), info
+
+    def close(self) -> None:
+        if getattr(self, "_env", None) is not None:
+            self._env.close()
+            self._env = None
+        if getattr(self, "_launch", None) is not None:
+            self._launch.close()
+            self._launch = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # helpers
+    # ----------------------------------------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self):
+        """The Isaac Lab env underneath (scene, managers), for privileged access by experts and tests."""
+        return self._env
+
+    def privileged_state(self) -> dict[str, torch.Tensor]:
+        """Simulator ground truth the policy never sees (object poses, joints), for scripted experts."""
+        return self.spec.privileged(self._env)
+
+    def _draw_keys(self, n: int) -> torch.Tensor:
+        return torch.randint(0, 2**62, (n,), generator=self._key_generator, dtype=torch.long)
+
+    def take_reset_keys(self, env_ids: torch.Tensor) -> torch.Tensor:
+        """Keys for the envs Isaac Lab is resetting now; called from the task's reset event. Draws the next ones."""
+        ids = env_ids.to("cpu", torch.long)
+        keys = self._next_keys[ids].clone()
+        self.reset_keys[ids] = keys
+        self._next_keys[ids] = self._draw_keys(len(ids))
+        return keys
+
+    def _check_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        if not isinstance(actions, torch.Tensor):
+            raise TypeError(f"actions must be a torch.Tensor of shape ({self.num_envs}, {self.action_dim}) float32")
+        if actions.shape != (self.num_envs, self.action_dim):
+            raise ValueError(
+                f"actions must have shape ({self.num_envs}, {self.action_dim}) (num_envs, action_dim) for "
+                f"{self.task!r}, got {tuple(actions.shape)}"
+            )
+        if actions.dtype != torch.float32:
+            raise TypeError(f"actions must be float32, got {actions.dtype}")
+        actions = actions.to(self.device)
+        if not torch.isfinite(actions).all():
+            bad = (~torch.isfinite(actions)).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"actions contain NaN or inf (envs {bad[:8]})")
+        return actions

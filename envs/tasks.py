@@ -1,0 +1,278 @@
+"""What leanvla adds to Isaac Lab's task configs: kit-less fixes, the stack-cube reward, observations, keyed resets.
+
+A `TaskSpec` says how to turn one task's Isaac Lab observations into leanvla's `{"rgb", "state"}` and what its
+reward and success are. `GenericSpec` serves any state task (obs group "policy" concatenated into `state`,
+the task's own reward). `StackCubeSpec` turns the (reward-less) stack-cube visuomotor task into an RL task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from envs.config import STACK_CUBE, EnvConfig
+
+STACK_INSTRUCTION = "Stack the red block on the blue block, then stack the green block on the red block."
+STACK_TASKS = (STACK_CUBE, f"{STACK_CUBE}-Cosmos")
+
+# Franka finger drives [N/m, N·s/m]. Isaac Lab's Franka config leaves them `None` (read from the USD) and drives
+# only finger 1, relying on a mimic constraint for finger 2; kit-less, both fingers are driven directly.
+FINGER_STIFFNESS, FINGER_DAMPING = 2.0e3, 1.0e2
+# Tool centre point: 10.34 cm along the hand's z axis (Isaac Lab's stack ee_frame offset).
+TCP_OFFSET = 0.1034
+
+
+def spec_for(task: str) -> TaskSpec:
+    return StackCubeSpec() if task in STACK_TASKS else GenericSpec()
+
+
+def patch_robot(env_cfg, kitless: bool) -> None:
+    """Kit-less fixes for a Franka robot in any task (Newton ignores `disable_gravity` and reads no finger gains)."""
+    robot = getattr(env_cfg.scene, "robot", None)
+    usd_path = getattr(getattr(robot, "spawn", None), "usd_path", "") or ""
+    if not kitless or "FrankaEmika" not in usd_path:
+        return
+    from isaaclab.actuators import ImplicitActuatorCfg
+    from isaaclab_newton.sim.schemas import MujocoRigidBodyCfg
+
+    fingers = [name for name, a in robot.actuators.items() if any("finger" in j for j in a.joint_names_expr)]
+    for name in fingers:
+        del robot.actuators[name]
+    robot.actuators["panda_fingers"] = ImplicitActuatorCfg(
+        joint_names_expr=["panda_finger_joint.*"],
+        effort_limit_sim=200.0,
+        stiffness=FINGER_STIFFNESS,
+        damping=FINGER_DAMPING,
+    )
+    props = robot.spawn.rigid_props
+    props = list(props) if isinstance(props, (list, tuple)) else ([props] if props is not None else [])
+    if any(getattr(p, "disable_gravity", False) for p in props):
+        # The task wants a gravity-free arm (task-space control); Newton needs it authored as gravity compensation.
+        props.append(MujocoRigidBodyCfg(gravcomp=1.0))
+    robot.spawn.rigid_props = props
+
+
+class GenericSpec:
+    """Any Isaac Lab state task: `state` = the concatenated "policy" observation group; the task's own reward."""
+
+    camera_names: tuple[str, ...] = ()
+    instruction = ""
+    keyed_resets = False
+
+    def patch(self, env_cfg, cfg: EnvConfig) -> None:
+        policy = getattr(env_cfg.observations, "policy", None)
+        if policy is not None and hasattr(policy, "concatenate_terms"):
+            policy.concatenate_terms = True
+
+    def bind(self, env, adapter) -> None:
+        pass
+
+    def observe(self, obs: dict) -> dict[str, torch.Tensor]:
+        policy = obs["policy"]
+        if isinstance(policy, dict):
+            raise ValueError(f"The task's 'policy' observation group is not a flat tensor: {sorted(policy)}")
+        return {"state": policy.to(torch.float32)}
+
+    def success(self, env) -> torch.Tensor:
+        terms = env.termination_manager.active_terms
+        if "success" in terms:
+            return env.termination_manager.get_term("success").clone()
+        return torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+
+    def reward(self, env, env_reward: torch.Tensor, success: torch.Tensor) -> torch.Tensor:
+        return env_reward
+
+    def privileged(self, env) -> dict[str, torch.Tensor]:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# stack-cube
+# ------------------------------------------------------------------------------------------------------------------
+
+CUBES = ("cube_1", "cube_2", "cube_3")  # blue (bottom), red (middle), green (top)
+CUBE_POSE_RANGE = {"x": (0.4, 0.6), "y": (-0.10, 0.10), "z": (0.0203, 0.0203), "yaw": (-1.0, 1.0)}
+CUBE_MIN_SEPARATION = 0.1
+JOINT_NOISE_STD = 0.02
+DEFAULT_STACK_STEPS = 448  # 22.4 s at 20 Hz, as RLinf
+
+
+def tcp_pose(env) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tool-centre-point position (env frame) and xyzw orientation, from the hand body (valid right after reset)."""
+    from isaaclab.utils.math import quat_apply
+
+    robot = env.scene["robot"]
+    hand = robot.find_bodies("panda_hand")[0][0]
+    pos_w = robot.data.body_pos_w.torch[:, hand]
+    quat_w = robot.data.body_quat_w.torch[:, hand]
+    offset = torch.tensor([0.0, 0.0, TCP_OFFSET], device=pos_w.device).expand_as(pos_w)
+    return pos_w + quat_apply(quat_w, offset) - env.scene.env_origins, quat_w
+
+
+def stack_state(env) -> torch.Tensor:
+    """The 8-d policy state: tcp position (3), tcp orientation as axis-angle (3), two finger positions (2)."""
+    from isaaclab.utils.math import axis_angle_from_quat
+
+    pos, quat = tcp_pose(env)
+    robot = env.scene["robot"]
+    fingers = robot.find_joints("panda_finger_joint.*")[0]
+    return torch.cat([pos, axis_angle_from_quat(quat), robot.data.joint_pos.torch[:, fingers]], dim=-1)
+
+
+def sample_stack_layout(key: int, num_arm_joints: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial state one reset key names: cube poses [3, 4] (x, y, z, yaw) and arm joint offsets [num_arm_joints].
+
+    Cube positions are drawn uniformly in CUBE_POSE_RANGE with rejection until every pair is more than
+    CUBE_MIN_SEPARATION apart (as Isaac Lab's `randomize_object_pose`); joint offsets are Gaussian.
+    """
+    g = torch.Generator().manual_seed(int(key) % (2**63))
+    lo = torch.tensor([CUBE_POSE_RANGE[k][0] for k in ("x", "y", "z", "yaw")], dtype=torch.float64)
+    hi = torch.tensor([CUBE_POSE_RANGE[k][1] for k in ("x", "y", "z", "yaw")], dtype=torch.float64)
+    poses: list[torch.Tensor] = []
+    for _ in range(len(CUBES)):
+        for attempt in range(5000):
+            pose = lo + (hi - lo) * torch.rand(4, generator=g, dtype=torch.float64)
+            if all(torch.dist(pose[:3], p[:3]) > CUBE_MIN_SEPARATION for p in poses) or attempt == 4999:
+                poses.append(pose)
+                break
+    joint_offsets = JOINT_NOISE_STD * torch.randn(num_arm_joints, generator=g, dtype=torch.float64)
+    return torch.stack(poses).float(), joint_offsets.float()
+
+
+def keyed_stack_reset(env, env_ids: torch.Tensor) -> None:
+    """Reset event: place cubes and robot joints from each env's reset key (equal keys → identical states)."""
+    from isaaclab.utils.math import quat_from_euler_xyz
+
+    if isinstance(env_ids, slice) or env_ids is None:  # Isaac Lab passes slice(None) for "all envs"
+        env_ids = torch.arange(env.num_envs, device=env.device)[env_ids if env_ids is not None else slice(None)]
+    env_ids = torch.as_tensor(env_ids, device=env.device).flatten()
+    if env_ids.numel() == 0:
+        return
+    take_keys = getattr(env, "leanvla_take_reset_keys", None)
+    keys = take_keys(env_ids) if take_keys is not None else torch.randint(0, 2**62, (len(env_ids),))
+    robot = env.scene["robot"]
+    fingers = robot.find_joints("panda_finger_joint.*")[0]
+    arm = [i for i in range(robot.num_joints) if i not in fingers]
+    layouts = [sample_stack_layout(int(k), len(arm)) for k in keys.tolist()]
+    cube_poses = torch.stack([c for c, _ in layouts]).to(env.device)  # [n, 3, 4]
+    offsets = torch.stack([j for _, j in layouts]).to(env.device)  # [n, arm]
+
+    joint_pos = robot.data.default_joint_pos.torch[env_ids].clone()
+    joint_pos[:, arm] += offsets
+    limits = robot.data.soft_joint_pos_limits.torch[env_ids]
+    joint_pos = joint_pos.clamp(limits[..., 0], limits[..., 1])
+    joint_vel = torch.zeros_like(joint_pos)
+    robot.actuators.target_command.set_position_index(value=joint_pos, env_ids=env_ids)
+    robot.actuators.target_command.set_velocity_index(value=joint_vel, env_ids=env_ids)
+    robot.write_joint_position_to_sim_index(position=joint_pos, env_ids=env_ids)
+    robot.write_joint_velocity_to_sim_index(velocity=joint_vel, env_ids=env_ids)
+
+    zeros = torch.zeros(len(env_ids), device=env.device)
+    for i, name in enumerate(CUBES):
+        pose = cube_poses[:, i]
+        position = pose[:, :3] + env.scene.env_origins[env_ids]
+        orientation = quat_from_euler_xyz(zeros, zeros, pose[:, 3])
+        cube = env.scene[name]
+        cube.write_root_pose_to_sim_index(root_pose=torch.cat([position, orientation], dim=-1), env_ids=env_ids)
+        cube.write_root_velocity_to_sim_index(root_velocity=torch.zeros(len(env_ids), 6, device=env.device), env_ids=env_ids)
+
+
+class StackCubeSpec(GenericSpec):
+    """Franka stack-cube, visuomotor: table + wrist RGB, 8-d state, reward 1.0 on the step the stack succeeds."""
+
+    camera_names = ("table_cam", "wrist_cam")
+    instruction = STACK_INSTRUCTION
+    keyed_resets = True
+
+    def patch(self, env_cfg, cfg: EnvConfig) -> None:
+        from isaaclab.managers import EventTermCfg, ObservationGroupCfg, ObservationTermCfg
+
+        kitless = cfg.sim == "kitless"
+        for name in self.camera_names:
+            camera = getattr(env_cfg.scene, name)
+            camera.height = camera.width = cfg.image_size
+            camera.data_types = ["rgb"]
+            if kitless:
+                from isaaclab_newton.renderers import NewtonWarpRendererCfg
+
+                camera.renderer_cfg = NewtonWarpRendererCfg()
+                # Warp cameras read their pose from the physics state; a camera riding on the hand must be
+                # told to refresh it (Kit moves the USD prim instead).
+                camera.update_latest_camera_pose = "/Robot/" in camera.prim_path
+                camera.prim_path = _resolve_robot_subpath(env_cfg.scene.robot.spawn.usd_path, camera.prim_path)
+
+        # Observations: exactly what the policy sees (no privileged terms computed every step).
+        policy = ObservationGroupCfg(concatenate_terms=False, enable_corruption=False)
+        policy.state = ObservationTermCfg(func=stack_state)
+        for name in self.camera_names:
+            setattr(policy, name, ObservationTermCfg(func=_camera_rgb, params={"name": name}))
+        env_cfg.observations.policy = policy
+        env_cfg.observations.subtask_terms = None
+
+        # Resets from keys; no Kit-only visual randomisation (lights, textures from NVIDIA's server).
+        env_cfg.events = type(env_cfg.events)() if env_cfg.events is not None else None
+        for name in list(vars(env_cfg.events)):
+            setattr(env_cfg.events, name, None)
+        env_cfg.events.keyed_reset = EventTermCfg(func=keyed_stack_reset, mode="reset")
+
+        env_cfg.episode_length_s = DEFAULT_STACK_STEPS * env_cfg.sim.dt * env_cfg.decimation
+
+    def bind(self, env, adapter) -> None:
+        env.leanvla_take_reset_keys = adapter.take_reset_keys
+
+    def observe(self, obs: dict) -> dict[str, torch.Tensor]:
+        policy = obs["policy"]
+        rgb = torch.stack([policy[name] for name in self.camera_names], dim=1)
+        return {"rgb": rgb, "state": policy["state"]}
+
+    def success(self, env) -> torch.Tensor:
+        return env.termination_manager.get_term("success").clone()
+
+    def reward(self, env, env_reward: torch.Tensor, success: torch.Tensor) -> torch.Tensor:
+        return success.to(torch.float32)
+
+    def privileged(self, env) -> dict[str, torch.Tensor]:
+        robot = env.scene["robot"]
+        tcp_pos, tcp_quat = tcp_pose(env)
+        cube_pos = torch.stack([env.scene[c].data.root_pos_w.torch - env.scene.env_origins for c in CUBES], dim=1)
+        cube_quat = torch.stack([env.scene[c].data.root_quat_w.torch for c in CUBES], dim=1)
+        return {
+            "tcp_pos": tcp_pos,
+            "tcp_quat": tcp_quat,
+            "cube_pos": cube_pos,
+            "cube_quat": cube_quat,
+            "joint_pos": robot.data.joint_pos.torch.clone(),
+        }
+
+
+def _camera_rgb(env, name: str) -> torch.Tensor:
+    return env.scene[name].data.output["rgb"]
+
+
+def _resolve_robot_subpath(robot_usd: str, prim_path: str) -> str:
+    """Replace a regex under `/Robot/` (e.g. `(Geometry/.*/)?panda_hand`) with the concrete path in the robot USD.
+
+    The Warp renderer's camera view needs a concrete prim path; Isaac Lab's configs use a regex so that one
+    config serves several Franka USD layouts.
+    """
+    import re
+
+    from pxr import Usd
+
+    head, sep, tail = prim_path.partition("/Robot/")
+    if not sep or not any(c in tail for c in "()*?[]|"):
+        return prim_path
+    parent, _, leaf = tail.rpartition("/")
+    stage = Usd.Stage.Open(robot_usd)
+    root = stage.GetDefaultPrim().GetPath().pathString
+    pattern = re.compile(parent)
+    for prim in stage.Traverse():
+        relative = prim.GetPath().pathString[len(root) + 1 :]
+        if pattern.fullmatch(relative):
+            return f"{head}/Robot/{relative}/{leaf}"
+    raise ValueError(f"Camera parent {parent!r} matches no prim in {robot_usd}")
+
+
+# radians → degrees helpers used by the expert and tests
+DEG = math.pi / 180.0
