@@ -1,11 +1,16 @@
 """The scripted expert stacks on the kit-less env; any Isaac Lab state task runs through the same adapter."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from envs import EnvConfig, make_env
+from envs import EnvConfig, make_env, record_demos
 from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_assets
 from envs.expert import DONE, StackExpert
+from envs.lerobot import LeRobotDataset
+from envs.tasks import STACK_INSTRUCTION
 
 
 def test_offline_franka_has_real_drives():
@@ -27,21 +32,27 @@ def test_offline_franka_has_real_drives():
     assert (root / "Isaac/IsaacLab/Robots/FrankaEmika/Payload/Textures/colors.png").exists()
 
 
-def test_expert_stacks_all_three_cubes():
-    env = make_env(EnvConfig(num_envs=1, device="cpu", image_size=16))
-    try:
-        expert = StackExpert(1)
-        env.reset(seed=0)
-        expert.reset()
-        for _ in range(env.max_episode_steps):
-            _, reward, terminated, truncated, info = env.step(expert.act(env.privileged_state()))
-            if terminated.any() or truncated.any():
-                break
-        assert info["success"].item() and terminated.item() and not truncated.item()
-        assert reward.item() == 1.0 and info["episode_return"].item() == 1.0
-        assert info["episode_length"].item() < env.max_episode_steps
-    finally:
-        env.close()
+def test_expert_stacks_all_three_cubes_and_records_a_lerobot_dataset(tmp_path):
+    # one episode, fixed seed: with max_attempts=1 recording fails unless the expert's first episode succeeds
+    args = record_demos.Args(out=tmp_path / "demos", episodes=1, max_attempts=1, seed=0,
+                             env=EnvConfig(num_envs=1, device="cpu", image_size=16))
+    root = record_demos.record(args)
+    dataset = LeRobotDataset(root)
+    assert len(dataset) == 1 and dataset.fps == 20
+    episode = dataset.episode(0)
+    length = len(episode.state)
+    assert 100 < length < 448
+    assert episode.state.shape == (length, 8) and episode.action.shape == (length, 7)
+    assert episode.images["image"].shape == (length, 16, 16, 3) and episode.images["wrist_image"].dtype == np.uint8
+    assert set(np.unique(episode.action[:, 6])) == {-1.0, 1.0}  # the gripper closed and opened
+    assert episode.task == STACK_INSTRUCTION
+    modality = json.loads((root / "meta" / "modality.json").read_text())
+    assert modality["state"]["gripper"] == {"start": 6, "end": 8}
+    assert modality["video"]["wrist_image"] == {"original_key": "observation.images.wrist_image"}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(root / "data/chunk-000/episode_000000.parquet")
+    assert table.column("next.reward").to_pylist()[-1] == 1.0 and sum(table.column("next.reward").to_pylist()) == 1.0
 
 
 def test_a_state_task_through_the_same_adapter():

@@ -1,0 +1,87 @@
+"""Record the scripted expert's successful stack-cube episodes as a LeRobot v2 dataset.
+
+    python -m envs.record_demos --episodes 50 --num-envs 16 --out data/stack_cube_demos
+
+Every env runs the expert; an episode is kept only if it ends in success. Frames hold what the policy sees
+(table and wrist RGB, 8-d state) and the expert's 7-d IK-relative action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+from envs.config import EnvConfig
+from envs.expert import StackExpert
+from envs.isaaclab_env import make_env
+from envs.lerobot import LeRobotWriter
+
+
+@dataclass
+class Args:
+    out: Path = Path("data/stack_cube_demos")
+    """Dataset folder to write."""
+    episodes: int = 50
+    """Successful episodes to record."""
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(num_envs=8))
+    """The environment (stack-cube)."""
+    seed: int = 0
+    """Seed of the first reset (later resets draw keys from it)."""
+    max_attempts: int | None = None
+    """Give up after this many episodes (default: 3 x episodes)."""
+    overwrite: bool = False
+    """Replace an existing dataset at --out."""
+
+
+def record(args: Args) -> Path:
+    env = make_env(args.env)
+    if env.num_views != 2:
+        raise ValueError(f"record_demos needs the stack-cube camera task, got {env.task!r}")
+    writer = LeRobotWriter(args.out, fps=round(1 / env.step_dt), image_size=args.env.image_size, overwrite=args.overwrite)
+    expert = StackExpert(env.num_envs, env.device)
+    max_attempts = args.max_attempts or 3 * args.episodes
+    buffers: list[dict[str, list]] = [{"image": [], "wrist_image": [], "state": [], "action": []} for _ in range(env.num_envs)]
+    kept = attempts = 0
+    bar = tqdm(total=args.episodes, desc="demos", unit="ep")
+    try:
+        obs = env.reset(seed=args.seed)
+        expert.reset()
+        while kept < args.episodes:
+            if attempts >= max_attempts:
+                raise RuntimeError(f"only {kept} of {attempts} expert episodes succeeded; wanted {args.episodes}")
+            actions = expert.act(env.privileged_state())
+            rgb, state, act = obs["rgb"].cpu().numpy(), obs["state"].cpu().numpy(), actions.cpu().numpy()
+            for i, buf in enumerate(buffers):
+                buf["image"].append(rgb[i, 0])
+                buf["wrist_image"].append(rgb[i, 1])
+                buf["state"].append(state[i])
+                buf["action"].append(act[i])
+            obs, _, terminated, truncated, info = env.step(actions)
+            done = (terminated | truncated).nonzero().flatten().tolist()
+            for i in done:
+                attempts += 1
+                buf = buffers[i]
+                if info["success"][i] and kept < args.episodes:
+                    reward = np.zeros(len(buf["state"]), np.float32)
+                    reward[-1] = 1.0
+                    images = {k: np.stack(buf[k]) for k in ("image", "wrist_image")}
+                    writer.add_episode(images, np.stack(buf["state"]), np.stack(buf["action"]), env.instruction, reward)
+                    kept += 1
+                    bar.update(1)
+                buffers[i] = {k: [] for k in buf}
+            if done:
+                expert.reset(torch.tensor(done))
+            bar.set_postfix(attempts=attempts, success_rate=f"{kept / max(attempts, 1):.2f}")
+    finally:
+        bar.close()
+        env.close()
+    return writer.close()
+
+
+if __name__ == "__main__":
+    print(record(tyro.cli(Args)))

@@ -1,0 +1,57 @@
+"""LeRobot v2 writer/reader round trip on small synthetic episodes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from envs.lerobot import LeRobotDataset, LeRobotWriter
+
+
+def _episode(rng, length, size=32):
+    # flat colour blocks survive video compression nearly exactly
+    images = {k: np.repeat(rng.integers(0, 4, (length, 1, 1, 3)) * 60, size, 1).repeat(size, 2).astype(np.uint8)
+              for k in ("image", "wrist_image")}
+    return images, rng.normal(size=(length, 8)).astype(np.float32), rng.normal(size=(length, 7)).astype(np.float32)
+
+
+def test_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32)
+    episodes = [_episode(rng, 5), _episode(rng, 7)]
+    for images, state, action in episodes:
+        writer.add_episode(images, state, action, "stack the blocks")
+    root = writer.close()
+    assert not (tmp_path / "ds.tmp").exists()
+
+    dataset = LeRobotDataset(root)
+    assert len(dataset) == 2 and dataset.info["total_frames"] == 12 and dataset.info["total_tasks"] == 1
+    for i, (images, state, action) in enumerate(episodes):
+        ep = dataset.episode(i)
+        np.testing.assert_array_equal(ep.state, state)
+        np.testing.assert_array_equal(ep.action, action)
+        assert ep.task == "stack the blocks"
+        for key in images:
+            assert ep.images[key].shape == images[key].shape
+            assert np.abs(ep.images[key].astype(int) - images[key]).max() <= 8
+    stats = json.loads((root / "meta" / "stats.json").read_text())
+    all_actions = np.concatenate([a for _, _, a in episodes])
+    np.testing.assert_allclose(stats["action"]["max"], all_actions.max(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["q01"], np.quantile(all_actions.astype(np.float64), 0.01, axis=0), rtol=1e-6)
+
+
+def test_bad_input(tmp_path):
+    rng = np.random.default_rng(1)
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32)
+    images, state, action = _episode(rng, 4)
+    with pytest.raises(ValueError, match=r"images\['image'\] must be uint8 \[4, 32, 32, 3\]"):
+        writer.add_episode({**images, "image": images["image"][:, :16]}, state, action, "t")
+    with pytest.raises(ValueError, match=r"state must be \[4, 8\]"):
+        writer.add_episode(images, state[:, :7], action, "t")
+    with pytest.raises(ValueError, match="no episodes"):
+        writer.close()
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        LeRobotWriter(tmp_path / "exists", fps=20, image_size=32)
+    with pytest.raises(FileNotFoundError, match="not a LeRobot dataset"):
+        LeRobotDataset(tmp_path / "exists")
