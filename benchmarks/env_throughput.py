@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ class Args:
     image_sizes: list[int] = field(default_factory=lambda: [128, 224, 256])
     """Square camera sizes (pixels) to sweep; both cameras use it."""
     steps: int = 100
-    """Timed steps per configuration (after `warmup`)."""
+    """Timed steps per round (after `warmup`)."""
+    rounds: int = 3
+    """Rounds of raw-then-adapter timing per configuration; the median round of each is reported."""
     warmup: int = 10
     """Untimed steps first (Warp kernel compilation, CUDA graph capture)."""
     expert_episodes: int = 256
@@ -76,8 +79,12 @@ def bench_throughput(args: Args) -> list[dict]:
             try:
                 env.reset(seed=0)
                 actions = hold_actions(env)
-                raw = time_steps(env, env.unwrapped.step, actions, args.steps, args.warmup)
-                adapter = time_steps(env, env.step, actions, args.steps, args.warmup)
+                # alternate raw and adapter rounds so that drifts (clocks, other load) hit both alike
+                raw_rounds, adapter_rounds = [], []
+                for _ in range(args.rounds):
+                    raw_rounds.append(time_steps(env, env.unwrapped.step, actions, args.steps, args.warmup))
+                    adapter_rounds.append(time_steps(env, env.step, actions, args.steps, args.warmup))
+                raw, adapter = statistics.median(raw_rounds), statistics.median(adapter_rounds)
                 row = {
                     "num_envs": num_envs,
                     "image_size": image_size,
