@@ -1,0 +1,101 @@
+"""A tiny pure-torch env with the `envs` contract, for fast tests of the training loops (no Isaac Lab).
+
+A point mass on a line: state (position, velocity), action = force. Reward 1 - x^2 per step; terminated when
+|x| > 1.5; success while |x| < 0.1; truncated at `max_episode_steps`. Unlike the Isaac Lab env it can save and
+restore its whole state (`state_dict`), which lets a test check that `--resume` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ToyEnv:
+    num_views = 0
+    instruction = ""
+    state_dim = 2
+    action_dim = 1
+
+    def __init__(self, cfg):
+        self.num_envs = cfg.num_envs
+        self.device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
+        self.max_episode_steps = cfg.max_episode_steps or 20
+        self.generator = torch.Generator().manual_seed(0)
+        n = self.num_envs
+        self.x, self.v = torch.zeros(n), torch.zeros(n)
+        self.t, self.ret = torch.zeros(n, dtype=torch.long), torch.zeros(n)
+        self.resets = 0  # how many times reset() was called (tests read it)
+
+    def _initial(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(n, generator=generator) * 2 - 1, torch.rand(n, generator=generator) - 0.5
+
+    def _obs(self) -> dict[str, torch.Tensor]:
+        return {"state": torch.stack([self.x, self.v], -1).to(self.device)}
+
+    def reset(self, seed: int = 0, reset_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        self.resets += 1
+        self.generator.manual_seed(seed)
+        if reset_keys is None:
+            self.x, self.v = self._initial(self.num_envs, self.generator)
+        else:
+            starts = [self._initial(1, torch.Generator().manual_seed(int(k))) for k in reset_keys.tolist()]
+            self.x, self.v = torch.cat([s[0] for s in starts]), torch.cat([s[1] for s in starts])
+        self.t.zero_()
+        self.ret.zero_()
+        return self._obs()
+
+    def step(self, actions: torch.Tensor):
+        a = actions.detach().cpu().float()[:, 0].clamp(-1, 1)
+        self.v = self.v + 0.1 * a
+        self.x = self.x + 0.1 * self.v
+        self.t += 1
+        reward = 1.0 - self.x.square()
+        self.ret += reward
+        terminated = self.x.abs() > 1.5
+        truncated = (self.t >= self.max_episode_steps) & ~terminated
+        success = self.x.abs() < 0.1
+        done = terminated | truncated
+        info = {"success": success.to(self.device), "episode_return": self.ret.clone().to(self.device),
+                "episode_length": self.t.clone().to(self.device)}
+        if done.any():
+            x0, v0 = self._initial(int(done.sum()), self.generator)
+            self.x[done], self.v[done] = x0, v0
+            self.t[done], self.ret[done] = 0, 0.0
+        dev = self.device
+        return self._obs(), reward.to(dev), terminated.to(dev), truncated.to(dev), info
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"x": self.x.clone(), "v": self.v.clone(), "t": self.t.clone(), "ret": self.ret.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.x, self.v = state["x"].cpu().clone(), state["v"].cpu().clone()
+        self.t, self.ret = state["t"].cpu().clone(), state["ret"].cpu().clone()
+        self.generator.set_state(state["generator"].cpu())
+
+    def close(self) -> None:
+        pass
+
+
+class ToyCameraEnv(ToyEnv):
+    """The same env with one 16x16 camera view: a white column marks the position."""
+
+    num_views = 1
+    instruction = "stay near the middle"
+
+    def _obs(self) -> dict[str, torch.Tensor]:
+        rgb = torch.zeros(self.num_envs, 1, 16, 16, 3, dtype=torch.uint8)
+        col = ((self.x.clamp(-1.5, 1.5) + 1.5) / 3 * 15).round().long()
+        rgb[torch.arange(self.num_envs), 0, :, col] = 255
+        return {"rgb": rgb.to(self.device), **super()._obs()}
+
+
+class ToyEnvNoState(ToyEnv):
+    """The same env without state capture, like the Isaac Lab adapter."""
+
+    state_dict = None  # type: ignore[assignment]
+    load_state_dict = None  # type: ignore[assignment]
+
+
+def make_toy_env(cfg):
+    return ToyEnv(cfg)

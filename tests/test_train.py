@@ -1,0 +1,170 @@
+"""End to end: train.py's CLI, exact resume, logging, checkpoints, eval.py, and clear errors for bad input."""
+
+import json
+
+import imageio.v2 as imageio
+import pytest
+import torch
+
+import eval as eval_script
+import train as train_script
+from tests.algos_toy_env import ToyCameraEnv, ToyEnv, ToyEnvNoState
+
+SMALL = ["--policy", "mlp", "--env.task", "toy", "--env.device", "cpu", "--mlp.hidden-sizes", "16", "16",
+         "--save-every", "2"]
+DESIGN_METRICS = ["actor/loss", "actor/value_loss", "actor/grad_norm", "actor/approx_kl", "actor/pg_clipfrac",
+                  "actor/value_clip_ratio", "rollout/returns_mean", "rollout/advantages_mean", "env/episode_len",
+                  "env/success_once", "charts/SPS"]
+
+
+def _same_run(a: dict, b: dict) -> None:
+    assert a["params"].keys() == b["params"].keys()
+    for n in a["params"]:
+        assert torch.equal(a["params"][n], b["params"][n]), n
+    drop = lambda h: {k: v for k, v in h.items() if k != "charts/SPS"}  # noqa: E731  (timing differs)
+    assert [drop(h) for h in a["history"]] == [drop(h) for h in b["history"]]
+
+
+@pytest.mark.parametrize("algo, flags", [("ppo", ["--env.num-envs", "4", "--num-steps", "6"]),
+                                         ("grpo", ["--env.num-envs", "4", "--group-size", "2",
+                                                   "--env.max-episode-steps", "12", "--num-minibatches", "2"])])
+def test_resume_continues_exactly(tmp_path, monkeypatch, algo, flags):
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    straight = train_script.main([algo, *SMALL, *flags, "--num-iterations", "4", "--run-dir", str(tmp_path / "a")])
+    first = train_script.main([algo, *SMALL, *flags, "--num-iterations", "2", "--run-dir", str(tmp_path / "b")])
+    # the checkpoint's config is the default: only the iteration count is given again
+    resumed = train_script.main([algo, "--resume", str(tmp_path / "b"), "--num-iterations", "4"])
+    assert len(first["history"]) == 2 and len(resumed["history"]) == 2
+    _same_run(straight, {"params": resumed["params"], "history": first["history"] + resumed["history"]})
+    assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["iter_000002", "iter_000004"]
+    state = lambda run: json.loads((tmp_path / run / "checkpoints" / "iter_000004" / "state.json").read_text())  # noqa
+    assert state("b")["iteration"] == 4 and state("b")["global_step"] == state("a")["global_step"] > 0
+
+
+def test_resume_without_env_state_restarts_episodes_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr("envs.make_env", ToyEnvNoState)
+    train_script.main(["ppo", *SMALL, "--env.num-envs", "2", "--num-steps", "4", "--num-iterations", "1",
+                       "--run-dir", str(tmp_path)])
+    with pytest.warns(UserWarning, match="does not continue bit-exactly"):
+        out = train_script.main(["ppo", "--resume", str(tmp_path), "--num-iterations", "2"])
+    assert len(out["history"]) == 1
+
+
+def test_logs_tensorboard_metrics_and_config(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    train_script.main(["ppo", *SMALL, "--env.num-envs", "4", "--num-steps", "16", "--env.max-episode-steps", "10",
+                       "--num-iterations", "2", "--run-dir", str(tmp_path), "--exp-name", "tb"])
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert set(DESIGN_METRICS) <= tags, set(DESIGN_METRICS) - tags
+    assert [e.step for e in events.Scalars("actor/loss")] == [64, 128]  # global env steps
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["algo"] == "ppo" and config["exp_name"] == "tb" and config["env"]["num_envs"] == 4
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_script.main(["ppo", *SMALL, "--env.num-envs", "2", "--num-steps", "4", "--num-iterations", "1",
+                       "--run-dir", str(tmp_path), "--track", "--wandb-mode", "offline"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_eval_writes_summary_and_videos(tmp_path, monkeypatch):
+    monkeypatch.setattr("envs.make_env", ToyCameraEnv)
+    train_script.main(["ppo", *SMALL, "--env.num-envs", "2", "--num-steps", "4", "--env.max-episode-steps", "6",
+                       "--num-iterations", "1", "--run-dir", str(tmp_path)])
+    summary = eval_script.main(["--checkpoint", str(tmp_path), "--num-episodes", "3", "--num-videos", "1"])
+    assert summary["num_episodes"] == 3 and summary["iteration"] == 1
+    assert [e["env"] for e in summary["episodes"]] == [0, 1, 0]  # 2 + 1 episodes spread over the 2 envs
+    assert summary["return_mean"] == pytest.approx(sum(e["return"] for e in summary["episodes"]) / 3)
+    out = tmp_path / "eval" / "iter_000001"
+    assert json.loads((out / "summary.json").read_text())["success_rate"] == summary["success_rate"]
+    frames = imageio.mimread(out / "episode_0.mp4")
+    length = summary["episodes"][0]["length"]
+    assert len(frames) == length + 1 and frames[0].shape == (16, 16, 3)  # every step + the final verdict
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ppo", "--no-such-flag"], "no-such-flag"),
+    (["ppo", "--env.num-envs", "many"], "many"),
+    (["ppo", "--num-steps", "0"], "--num-steps must be >= 1"),
+    (["ppo", "--dual-clip", "0.5"], "--dual-clip must be > 1"),
+    (["grpo", "--env.num-envs", "3", "--group-size", "2"], "not divisible by --group-size 2"),
+    (["ppo", "--resume", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
+])
+def test_bad_flags_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_of_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(["--checkpoint", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+
+
+def test_resume_with_the_other_algorithm_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    train_script.main(["ppo", *SMALL, "--env.num-envs", "2", "--num-steps", "2", "--num-iterations", "1",
+                       "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        train_script.main(["grpo", "--resume", str(tmp_path)])
+    assert "is a ppo run, not grpo" in capsys.readouterr().err
+
+
+# ---- the real kit-less Isaac Lab env (the first env of the pytest process costs ~20 s; later ones ~1 s) ----------
+STACK = ["--env.image-size", "64", "--env.max-episode-steps", "16", "--env.device", "cpu"]  # 1 decision/episode
+
+
+def test_default_job_on_stack_cube_end_to_end_then_eval_and_resume(tmp_path):
+    """The default job (GR00T-tiny, stack-cube, PPO) shortened to 2 iterations of 1 decision (16 env steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train_script.main(["ppo", *STACK, "--num-iterations", "2", "--num-steps", "1", "--save-every", "1",
+                             "--run-dir", str(tmp_path)])
+    assert [h["charts/iteration"] for h in out["history"]] == [1, 2]
+    assert out["history"][-1]["env/episode_len"] == 16.0  # every episode hit the 16-step limit
+    ckpt = tmp_path / "checkpoints" / "iter_000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["policy"]["base"]["policy"] == "gr00t-tiny" and state["global_step"] == 2 * 16 * 2
+    from safetensors.torch import load_file
+
+    saved = load_file(ckpt / "policy.safetensors")
+    assert sorted(saved) == state["policy"]["trainable"] and any(k.startswith("value_head.") for k in saved)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(DESIGN_METRICS) <= set(events.Tags()["scalars"])
+
+    summary = eval_script.main(["--checkpoint", str(tmp_path), "--num-episodes", "2", "--num-videos", "1",
+                                "--device", "cpu"])
+    assert summary["num_episodes"] == 2 and all(e["length"] == 16 for e in summary["episodes"])
+    frames = imageio.mimread(tmp_path / "eval" / "iter_000002" / "episode_0.mp4")
+    assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
+
+    with pytest.warns(UserWarning, match="does not continue bit-exactly"):
+        resumed = train_script.main(["ppo", "--resume", str(tmp_path), "--num-iterations", "3"])
+    assert [h["charts/iteration"] for h in resumed["history"]] == [3]
+    assert json.loads((tmp_path / "checkpoints" / "iter_000003" / "state.json").read_text())["global_step"] == 96
+
+
+def test_grpo_on_stack_cube(tmp_path):
+    out = train_script.main(["grpo", *STACK, "--env.num-envs", "2", "--group-size", "2", "--num-iterations", "1",
+                             "--run-dir", str(tmp_path)])
+    h = out["history"][0]
+    assert h["rollout/decisions"] == 2.0 and h["env/episodes"] == 2.0  # one 16-step decision per env
+    assert (tmp_path / "checkpoints" / "iter_000001" / "state.json").is_file()
+
+
+def test_mlp_on_cartpole(tmp_path):
+    out = train_script.main(["ppo", "--policy", "mlp", "--env.task", "Isaac-Cartpole", "--env.num-envs", "4",
+                             "--env.device", "cpu", "--num-steps", "8", "--num-iterations", "2",
+                             "--run-dir", str(tmp_path)])
+    assert out["params"]["obs_norm.count"].item() == 2 * 8 * 4
+    assert all(torch.isfinite(torch.tensor(h["actor/loss"])) for h in out["history"])
