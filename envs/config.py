@@ -13,7 +13,8 @@ class EnvConfig:
     task: str = STACK_CUBE
     """Isaac Lab task id. Isaac Lab 2.x names (`Isaac-...-v0`) are accepted for the stack-cube task."""
     num_envs: int = 2
-    """Parallel sub-environments on this process's device."""
+    """Parallel sub-environments. `make_env` builds this many on one device; train.py treats it as the total over
+    all DDP ranks and gives each rank num_envs / world_size."""
     device: str = "auto"
     """Simulation device: `cpu`, `cuda`, `cuda:N`, or `auto` (this rank's GPU if there is one, else CPU)."""
     image_size: int = 224
