@@ -150,10 +150,10 @@ class StackExpert:
         target = tcp_pos.clone()
         grip_open = torch.ones(n, dtype=torch.bool, device=self.device)
         grasp_z = (pick_pos[:, 2] - 0.005).clamp(min=0.012)
-        place_z = place_pos[:, 2] + BLOCK_SIZE + 0.008 - 0.005
+        place_z = place_pos[:, 2] + BLOCK_SIZE + 0.003  # release the carried cube 3 mm above its resting height
         p = self.phase
         sel = p == APPROACH
-        target[sel] = torch.cat([pick_pos[sel, :2], (pick_pos[sel, 2:] + HOVER).clamp(min=SAFE_Z * 0 + 0.1)], dim=1)
+        target[sel] = torch.cat([pick_pos[sel, :2], (pick_pos[sel, 2:] + HOVER).clamp(min=0.1)], dim=1)
         sel = p == DESCEND
         target[sel] = torch.cat([pick_pos[sel, :2], grasp_z[sel, None]], dim=1)
         sel = p == CLOSE

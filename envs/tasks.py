@@ -7,8 +7,6 @@ the task's own reward). `StackCubeSpec` turns the (reward-less) stack-cube visuo
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from envs.config import STACK_CUBE, EnvConfig
@@ -272,7 +270,3 @@ def _resolve_robot_subpath(robot_usd: str, prim_path: str) -> str:
         if pattern.fullmatch(relative):
             return f"{head}/Robot/{relative}/{leaf}"
     raise ValueError(f"Camera parent {parent!r} matches no prim in {robot_usd}")
-
-
-# radians → degrees helpers used by the expert and tests
-DEG = math.pi / 180.0

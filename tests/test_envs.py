@@ -164,3 +164,14 @@ def test_unknown_task_names_close_matches():
     assert resolve_task("Isaac-Stack-Cube-Franka-IK-Rel-Visuomotor-Cosmos-v0") == (
         "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor-Cosmos"
     )
+
+
+def test_kit_path_without_isaac_sim_says_so():
+    try:
+        import isaacsim  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("Isaac Sim is installed here")
+    with pytest.raises(RuntimeError, match="needs Isaac Sim"):
+        make_env(EnvConfig(task="Isaac-Cartpole", num_envs=1, device="cpu", sim="kit"))
