@@ -7,6 +7,8 @@ the task's own reward). `StackCubeSpec` turns the (reward-less) stack-cube visuo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from envs.config import STACK_CUBE, EnvConfig
@@ -96,16 +98,36 @@ JOINT_NOISE_STD = 0.02
 DEFAULT_STACK_STEPS = 448  # 22.4 s at 20 Hz, as RLinf
 
 
+@dataclass(frozen=True)
+class FrankaIndices:
+    hand: int  # body index of panda_hand
+    fingers: list[int]  # joint indices of the two finger joints
+    arm: list[int]  # the other joint indices
+    tcp_offset: torch.Tensor  # [3] on the env's device
+
+
+def franka_indices(env) -> FrankaIndices:
+    """Body and joint indices of the scene's Franka, looked up once per env (observations need them every step)."""
+    cached = getattr(env, "_leanvla_franka", None)
+    if cached is None:
+        robot = env.scene["robot"]
+        fingers = robot.find_joints("panda_finger_joint.*")[0]
+        cached = FrankaIndices(hand=robot.find_bodies("panda_hand")[0][0], fingers=fingers,
+                               arm=[i for i in range(robot.num_joints) if i not in fingers],
+                               tcp_offset=torch.tensor([0.0, 0.0, TCP_OFFSET], device=env.device))
+        env._leanvla_franka = cached
+    return cached
+
+
 def tcp_pose(env) -> tuple[torch.Tensor, torch.Tensor]:
     """Tool-centre-point position (env frame) and xyzw orientation, from the hand body (valid right after reset)."""
     from isaaclab.utils.math import quat_apply
 
+    ids = franka_indices(env)
     robot = env.scene["robot"]
-    hand = robot.find_bodies("panda_hand")[0][0]
-    pos_w = robot.data.body_pos_w.torch[:, hand]
-    quat_w = robot.data.body_quat_w.torch[:, hand]
-    offset = torch.tensor([0.0, 0.0, TCP_OFFSET], device=pos_w.device).expand_as(pos_w)
-    return pos_w + quat_apply(quat_w, offset) - env.scene.env_origins, quat_w
+    pos_w = robot.data.body_pos_w.torch[:, ids.hand]
+    quat_w = robot.data.body_quat_w.torch[:, ids.hand]
+    return pos_w + quat_apply(quat_w, ids.tcp_offset.expand_as(pos_w)) - env.scene.env_origins, quat_w
 
 
 def stack_state(env) -> torch.Tensor:
@@ -113,9 +135,8 @@ def stack_state(env) -> torch.Tensor:
     from isaaclab.utils.math import axis_angle_from_quat
 
     pos, quat = tcp_pose(env)
-    robot = env.scene["robot"]
-    fingers = robot.find_joints("panda_finger_joint.*")[0]
-    return torch.cat([pos, axis_angle_from_quat(quat), robot.data.joint_pos.torch[:, fingers]], dim=-1)
+    fingers = env.scene["robot"].data.joint_pos.torch[:, franka_indices(env).fingers]
+    return torch.cat([pos, axis_angle_from_quat(quat), fingers], dim=-1)
 
 
 def sample_stack_layout(key: int, num_arm_joints: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +171,7 @@ def keyed_stack_reset(env, env_ids: torch.Tensor) -> None:
     take_keys = getattr(env, "leanvla_take_reset_keys", None)
     keys = take_keys(env_ids) if take_keys is not None else torch.randint(0, 2**62, (len(env_ids),))
     robot = env.scene["robot"]
-    fingers = robot.find_joints("panda_finger_joint.*")[0]
-    arm = [i for i in range(robot.num_joints) if i not in fingers]
+    arm = franka_indices(env).arm
     layouts = [sample_stack_layout(int(k), len(arm)) for k in keys.tolist()]
     cube_poses = torch.stack([c for c, _ in layouts]).to(env.device)  # [n, 3, 4]
     offsets = torch.stack([j for _, j in layouts]).to(env.device)  # [n, arm]
