@@ -252,16 +252,23 @@ def env_task(env) -> str:
     return getattr(env, "task", type(env).__name__)
 
 
+def env_metadata(state: torch.Tensor, action: torch.Tensor, view_size: tuple[int, int], num_views: int,
+                 embodiment_tag: str = "new_embodiment") -> dict:
+    """GR00T normalisation metadata for env vectors, from frames of them: state [F, S] under key "state", the
+    action's arm dims [F, A-1] under "action" and its last dim under "gripper"; views "view0".. at (width, height).
+    The one place that fixes this key layout (random-init policies and SFT on demonstrations both use it)."""
+    from models.gr00t_processor import metadata_from_data
+
+    return metadata_from_data(embodiment_tag, {"state": state}, {"action": action[:, :-1], "gripper": action[:, -1:]},
+                              {f"view{v}": view_size for v in range(num_views)})
+
+
 def identity_metadata(env) -> dict:
     """GR00T normalisation metadata for a randomly initialised model, which has no data statistics: every state
     and action dim gets min -1, max 1 (min-max normalisation is then the identity); views at the env's size."""
-    from models.gr00t_processor import metadata_from_data
-
     unit = lambda d: torch.tensor([[-1.0] * d, [1.0] * d])  # noqa: E731  (two frames: min -1, max 1)
-    obs = {"state": unit(env.state_dim)}
-    action = {"action": unit(env.action_dim - 1), "gripper": unit(1)}
     size = getattr(getattr(env, "cfg", None), "image_size", 224)
-    return metadata_from_data("new_embodiment", obs, action, {f"view{v}": (size, size) for v in range(env.num_views)})
+    return env_metadata(unit(env.state_dim), unit(env.action_dim), (size, size), env.num_views)
 
 
 def trainable_params(policy, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -99,14 +99,10 @@ class Demonstrations:
 
 
 def metadata_from_demos(demos: Demonstrations, embodiment_tag: str) -> dict:
-    """GR00T normalisation metadata from the demonstrations' statistics, in the keys `common.identity_metadata`
-    uses for env vectors (state; 6 arm action dims; gripper)."""
-    from models.gr00t_processor import metadata_from_data
-
+    """GR00T normalisation metadata from the demonstrations' statistics, in the env-vector layout of
+    `common.env_metadata`."""
     height, width = demos.rgb.shape[2:4]
-    video = {f"view{v}": (width, height) for v in range(demos.rgb.shape[1])}
-    return metadata_from_data(embodiment_tag, {"state": demos.state},
-                              {"action": demos.action[:, :-1], "gripper": demos.action[:, -1:]}, video)
+    return common.env_metadata(demos.state, demos.action, (width, height), demos.rgb.shape[1], embodiment_tag)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> float:
