@@ -47,6 +47,11 @@ class RunConfig:
     checkpoint in the official layout (a directory or a Hugging Face id such as RLinf/RLinf-Gr00t-SFT-Stack-cube)."""
     mlp: MLPConfig = field(default_factory=MLPConfig)
     """The MLP actor-critic (used when `--policy mlp`)."""
+    gr00t_tokenizer: str | None = None
+    """Tokenizer of a random-init GR00T preset: a local directory with the Qwen/Eagle tokenizer files, `builtin`
+    (the project's offline one), or None (the preset's own: the hub's Qwen/Qwen3-1.7B for gr00t-n1.5-3b)."""
+    cuda_graphs: bool = False
+    """Replay GR00T's `sample` from CUDA graphs (GPU only; one graph per batch shape)."""
     num_iterations: int = 2
     """Rollout + update iterations in total (a resumed run continues up to this number)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -142,6 +147,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def timestamp(run: Run) -> float:
+    """Wall-clock seconds after the GPU has finished the work queued so far (so phases can be timed)."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return time.perf_counter()
+
+
+def peak_memory_gb(run: Run) -> float:
+    """The largest peak of allocated GPU memory over all ranks, in GiB (0 on CPU)."""
+    if run.device.type != "cuda":
+        return 0.0
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(run.device)), device=run.device)
+    return all_reduce_max(peak).item() / 2**30
+
+
 def all_reduce_grads(params: list[torch.Tensor], bucket_numel: int = 1 << 25) -> None:
     """Average the gradients of `params` over ranks in a few flat buckets (a missing gradient counts as zero)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -232,12 +259,12 @@ def make_policy(cfg: RunConfig, env, device: torch.device, bf16: bool = False, b
                               "(use --policy mlp)")
         metadata = (base or {}).get("metadata") or identity_metadata(env)
         policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=env.num_views), device, metadata,
-                             compute_dtype=dtype)
+                             compute_dtype=dtype, tokenizer=cfg.gr00t_tokenizer, cuda_graphs=cfg.cuda_graphs)
         return policy, policy.init(cfg.seed), {"policy": cfg.policy, "init_seed": cfg.seed, "metadata": metadata}
     if not (Path(cfg.policy).is_dir() or cfg.policy.count("/") == 1):
         raise ConfigError(f"--policy {cfg.policy!r} is neither 'mlp', a GR00T preset ({', '.join(sorted(PRESETS))}), "
                           "a checkpoint directory nor a Hugging Face id")
-    policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype)
+    policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype, cuda_graphs=cfg.cuda_graphs)
     return policy, params, {"policy": "gr00t", "checkpoint": cfg.policy}
 
 
@@ -585,6 +612,7 @@ class Logger:
         (run_dir / "config.json").write_text(json.dumps(config, indent=1))
         self.writer = SummaryWriter(str(run_dir))
         self.writer.add_text("config", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # the same scalars, one JSON line per log call, for scripts
         self.wandb = None
         if cfg.track:
             import wandb
@@ -597,6 +625,8 @@ class Logger:
         for k, v in metrics.items():
             if not math.isnan(v):
                 self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if not math.isnan(v)}}) + "\n")
+        self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if not math.isnan(v)}, step=step)
 
@@ -605,6 +635,7 @@ class Logger:
 
     def close(self) -> None:
         self.writer.close()
+        self.jsonl.close()
         if self.wandb is not None:
             self.wandb.finish()
 

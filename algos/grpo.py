@@ -151,6 +151,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
     bar = common.progress(run, start, cfg.num_iterations)
     for iteration in bar:
         # 1. Rollout: groups start identically; play until every env has ended its first episode.
+        t_rollout = common.timestamp(run)
         keys = group_reset_keys(cfg.seed, iteration, run.rank, run.world_size, env.num_envs, cfg.group_size)
         obs = env.reset(seed=common.env_seed(cfg.seed + iteration, run.rank), reset_keys=keys.to(run.device))
         success_seen.zero_()
@@ -170,9 +171,11 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         rows["advantages"] = advantages.expand_as(mask)[mask]
 
         # 3. Update.
+        t_update = common.timestamp(run)
         metrics = update(cfg, policy, params, optimizer, rows, run)
         if hasattr(policy, "update_normalizer") and "state" in batch:
             policy.update_normalizer(params, batch["state"][in_episode], common.all_reduce_sum)
+        t_done = common.timestamp(run)
 
         # 4. Log and checkpoint.
         env_steps = int(common.all_reduce_sum(torch.tensor(float(env_steps), device=run.device)).item())
@@ -186,7 +189,9 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
                     "rollout/advantages_mean": sums[3].item() / max(sums[2].item(), 1),
                     "rollout/decisions": sums[4].item(), **episodes.metrics(),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1}
+                    "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1,
+                    "perf/rollout_time": t_update - t_rollout, "perf/update_time": t_done - t_update,
+                    "perf/peak_memory_gb": common.peak_memory_gb(run)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)

@@ -241,6 +241,7 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
                 group["lr"] = lr * (1.0 - iteration / cfg.num_iterations)
 
         # 1. Rollout: num_steps decisions of every env, then the value of where it stopped.
+        t_rollout = common.timestamp(run)
         batch, obs, episodes, env_steps = common.collect_rollout(env, policy, params, obs, cfg.num_steps, run,
                                                                  success_seen)
         next_value = common.policy_value(policy, params, obs, env.instruction, run)
@@ -254,9 +255,11 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
             else advantages.flatten()
 
         # 3. Update, then fold this rollout into the observation normaliser (used from the next rollout on).
+        t_update = common.timestamp(run)
         metrics = update(cfg, policy, params, optimizer, rows, run)
         if hasattr(policy, "update_normalizer") and "state" in batch:
             policy.update_normalizer(params, batch["state"], common.all_reduce_sum)
+        t_done = common.timestamp(run)
 
         # 4. Log and checkpoint.
         global_step += env_steps * run.world_size
@@ -266,7 +269,9 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/advantages_mean": sums[1].item() / n,
                     "rollout/rewards_mean": sums[2].item() / n, **episodes.metrics(),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1}
+                    "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1,
+                    "perf/rollout_time": t_update - t_rollout, "perf/update_time": t_done - t_update,
+                    "perf/peak_memory_gb": common.peak_memory_gb(run)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)

@@ -150,6 +150,10 @@ def train(cfg: SFTConfig) -> dict:
     check_config(cfg)
     run = common.start_run(cfg, "sft")
     demos = Demonstrations.load(cfg.dataset)
+    height, width = demos.rgb.shape[2:4]
+    if (height, width) != (cfg.env.image_size, cfg.env.image_size):  # eval.py and RL build the env from cfg.env
+        raise common.ConfigError(f"--dataset {cfg.dataset} has {width}x{height} views but --env.image-size is "
+                                 f"{cfg.env.image_size}; pass --env.image-size {height}")
     policy, params, base = make_policy(cfg, demos, run.device, run.bf16, common.checkpoint_base(cfg.resume))
     optimizer = common.make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
     start = 0

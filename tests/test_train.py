@@ -21,7 +21,8 @@ def _same_run(a: dict, b: dict) -> None:
     assert a["params"].keys() == b["params"].keys()
     for n in a["params"]:
         assert torch.equal(a["params"][n], b["params"][n]), n
-    drop = lambda h: {k: v for k, v in h.items() if k != "charts/SPS"}  # noqa: E731  (timing differs)
+    timing = {"charts/SPS", "perf/rollout_time", "perf/update_time"}
+    drop = lambda h: {k: v for k, v in h.items() if k not in timing}  # noqa: E731
     assert [drop(h) for h in a["history"]] == [drop(h) for h in b["history"]]
 
 
@@ -63,6 +64,12 @@ def test_logs_tensorboard_metrics_and_config(tmp_path, monkeypatch):
     assert [e.step for e in events.Scalars("actor/loss")] == [64, 128]  # global env steps
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["algo"] == "ppo" and config["exp_name"] == "tb" and config["env"]["num_envs"] == 4
+    # the same scalars as JSON lines, plus the timing that benchmarks/scaling.py reads
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [64, 128]
+    assert lines[1]["actor/loss"] == pytest.approx(events.Scalars("actor/loss")[1].value, rel=1e-6)
+    assert all(r["perf/rollout_time"] > 0 and r["perf/update_time"] > 0 and r["perf/peak_memory_gb"] == 0
+               for r in lines)
 
 
 def test_wandb_offline_logging(tmp_path, monkeypatch):
