@@ -1,0 +1,306 @@
+"""Demonstrations -> flow-matching SFT -> PPO and GRPO on stack-cube, with one eval protocol for every number.
+
+    python benchmarks/stack_cube_sft_rl.py --out runs/stack_cube_sft_rl            # one GPU, everything in turn
+    python benchmarks/stack_cube_sft_rl.py --gpus 0 1 2 --ppo-learning-rates 1e-5 3e-5   # RL runs side by side
+
+Phases (`--phases` picks some; each reads what the earlier ones wrote under --out):
+  demos   the scripted expert's successful episodes as a LeRobot v2 dataset   (envs/record_demos.py)
+  sft     GR00T (`--sft-policy`, random init) fine-tuned on them               (train.py sft)
+  rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
+  eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions
+  report  results.md / results.json and success_vs_env_steps.png
+
+Every job is a subprocess on one GPU (CUDA_VISIBLE_DEVICES) with its log under `<out>/logs/`. Jobs of one phase
+run in parallel over `--gpus` (one job per GPU at a time). The training curves are the runs' own rollouts
+(stochastic actions); the eval points are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from algos.common import find_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ("demos", "sft", "rl", "eval", "report")
+
+
+@dataclass
+class Args:
+    out: Path = Path("runs/stack_cube_sft_rl")
+    """Folder for everything: demos/, sft/, ppo_lr*/, grpo/, eval/, logs/, results.*"""
+    phases: list[Literal["demos", "sft", "rl", "eval", "report"]] = field(default_factory=lambda: list(PHASES))
+    """Phases to run, in this order."""
+    gpus: list[int] = field(default_factory=lambda: [0])
+    """GPU indices to spread a phase's jobs over (ignored with --device cpu)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where every job runs."""
+    seed: int = 1
+    """Seed of SFT and of the RL runs."""
+    image_size: int = 128
+    """Camera size (pixels) for demos, training and eval. GR00T resizes every view to its 224 px input."""
+    max_episode_steps: int | None = None
+    """Time limit of the SFT/RL/eval episodes. None: the task's (448 steps). Demos always use the task's."""
+    # demos
+    demo_episodes: int = 100
+    """Successful expert episodes to record."""
+    demo_num_envs: int = 64
+    """Parallel envs while recording."""
+    # sft
+    sft_policy: str = "gr00t-small"
+    """GR00T preset to fine-tune from random init (no pretrained weights are reachable here)."""
+    sft_iterations: int = 3000
+    """SFT gradient steps."""
+    sft_batch_size: int = 64
+    """SFT frames per step."""
+    sft_learning_rate: float = 1e-4
+    """SFT peak learning rate."""
+    sft_tune_visual: bool = False
+    """Also train the vision tower during SFT."""
+    # rl
+    rl_num_envs: int = 256
+    """Envs of each RL run."""
+    ppo_iterations: int = 20
+    """PPO iterations."""
+    ppo_num_steps: int = 28
+    """PPO decisions per env per rollout (28 x 16 steps = one 448-step episode)."""
+    ppo_learning_rates: list[float] = field(default_factory=lambda: [1e-5])
+    """One PPO run per learning rate (policy; the value head keeps train.py's default)."""
+    grpo_iterations: int = 20
+    """GRPO iterations (each plays every env's episode to its end)."""
+    grpo_group_size: int = 8
+    """GRPO group size."""
+    grpo_learning_rate: float = 1e-5
+    """GRPO learning rate."""
+    ppo_num_minibatches: int = 4
+    """PPO minibatches per epoch (bounds the memory of the update)."""
+    grpo_num_minibatches: int = 8
+    """GRPO minibatches per epoch (a GRPO rollout holds whole episodes: up to 28 decisions per env)."""
+    ppo_flags: str = ""
+    """More `train.py ppo` flags for every PPO run, as one shell-quoted string: --ppo-flags="--gamma 0.95"."""
+    grpo_flags: str = ""
+    """More `train.py grpo` flags, likewise."""
+    rl_save_every: int = 5
+    """RL checkpoint interval (iterations); a run stopped early is evaluated at its newest checkpoint."""
+    # eval
+    eval_episodes: int = 256
+    """Episodes per evaluated model."""
+    eval_num_envs: int = 256
+    """Parallel envs of each eval."""
+    eval_seed: int = 12345
+    """Seed of the eval resets (apart from the training seeds)."""
+
+
+@dataclass
+class Job:
+    name: str
+    cmd: list[str]
+
+
+def run_jobs(jobs: list[Job], args: Args) -> None:
+    """Run `jobs`, at most one per GPU at a time; stop at the first failure, naming its log."""
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    slots = args.gpus if args.device == "cuda" else [None]
+    pending, running = list(jobs), {}  # slot -> (job, process, started)
+    while pending or running:
+        for slot in slots:
+            if slot not in running and pending:
+                job = pending.pop(0)
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                if slot is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                print(f"[{time.strftime('%H:%M:%S')}] start {job.name} (gpu {slot}): {' '.join(job.cmd)}", flush=True)
+                log = open(logs / f"{job.name}.log", "w")
+                running[slot] = (job, subprocess.Popen(job.cmd, cwd=ROOT, env=env, stdout=log,
+                                                       stderr=subprocess.STDOUT), time.time(), log)
+        for slot, (job, proc, started, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[slot]
+            print(f"[{time.strftime('%H:%M:%S')}] done  {job.name}: exit {proc.returncode} after "
+                  f"{time.time() - started:.0f} s", flush=True)
+            if proc.returncode != 0:
+                for _, other, _, other_log in running.values():
+                    other.kill()
+                    other_log.close()
+                raise SystemExit(f"error: {job.name} failed; see {logs / f'{job.name}.log'}")
+        time.sleep(1.0)
+
+
+def python(*argv: str) -> list[str]:
+    return [sys.executable, *argv]
+
+
+def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
+    flags = ["--env.device", args.device, "--env.image-size", str(args.image_size), "--env.num-envs", str(num_envs)]
+    if time_limit and args.max_episode_steps is not None:
+        flags += ["--env.max-episode-steps", str(args.max_episode_steps)]
+    return flags
+
+
+def rl_runs(args: Args) -> dict[str, list[str]]:
+    """Run name -> `train.py` arguments of every RL run."""
+    common = ["--policy", str(args.out / "sft" / "gr00t"), *env_flags(args, args.rl_num_envs), "--seed",
+              str(args.seed)]
+    runs = {}
+    for lr in args.ppo_learning_rates:
+        name = f"ppo_lr{lr:g}"
+        runs[name] = ["ppo", *common, "--num-steps", str(args.ppo_num_steps), "--learning-rate", str(lr),
+                      "--num-iterations", str(args.ppo_iterations), "--save-every", str(args.rl_save_every),
+                      "--num-minibatches", str(args.ppo_num_minibatches), "--run-dir", str(args.out / name),
+                      *shlex.split(args.ppo_flags)]
+    name = f"grpo_lr{args.grpo_learning_rate:g}"
+    runs[name] = ["grpo", *common, "--group-size", str(args.grpo_group_size),
+                  "--learning-rate", str(args.grpo_learning_rate), "--num-iterations", str(args.grpo_iterations),
+                  "--save-every", str(args.rl_save_every), "--num-minibatches", str(args.grpo_num_minibatches),
+                  "--run-dir", str(args.out / name), *shlex.split(args.grpo_flags)]
+    return runs
+
+
+def models(args: Args) -> dict[str, Path]:
+    """Evaluated model name -> run directory (its newest checkpoint is evaluated)."""
+    return {"sft": args.out / "sft", **{name: args.out / name for name in rl_runs(args)}}
+
+
+def phase_jobs(phase: str, args: Args) -> list[Job]:
+    if phase == "demos":
+        return [Job("demos", python("-m", "envs.record_demos", "--out", str(args.out / "demos"), "--overwrite",
+                                    "--episodes", str(args.demo_episodes), "--seed", "0",
+                                    *env_flags(args, args.demo_num_envs, time_limit=False)))]
+    if phase == "sft":
+        return [Job("sft", python("train.py", "sft", "--dataset", str(args.out / "demos"), "--policy", args.sft_policy,
+                                  "--num-iterations", str(args.sft_iterations), "--batch-size", str(args.sft_batch_size),
+                                  "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
+                                  "--run-dir", str(args.out / "sft"), "--save-every", str(args.sft_iterations),
+                                  *(["--tune-visual"] if args.sft_tune_visual else []),
+                                  *env_flags(args, args.eval_num_envs)))]
+    if phase == "rl":
+        return [Job(name, python("train.py", *argv)) for name, argv in rl_runs(args).items()]
+    if phase == "eval":
+        todo = {}
+        for name, run in models(args).items():
+            summary = args.out / "eval" / name / "summary.json"
+            if not any(run.glob("checkpoints/iter_*/state.json")):
+                print(f"eval: {name} has no checkpoint yet; skipped", flush=True)
+            elif summary.is_file() and json.loads(summary.read_text())["checkpoint"] == str(find_checkpoint(run)):
+                print(f"eval: {name} was already evaluated at {find_checkpoint(run)}; kept", flush=True)
+            else:
+                todo[name] = run
+        return [Job(f"eval_{name}", python("eval.py", "--checkpoint", str(run), "--num-episodes", str(args.eval_episodes),
+                                           "--num-envs", str(args.eval_num_envs), "--seed", str(args.eval_seed),
+                                           "--device", args.device, "--num-videos", "0",
+                                           "--output", str(args.out / "eval" / name)))
+                for name, run in todo.items()]
+    return []
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def report(args: Args) -> dict:
+    """results.json, results.md and the plot, from what the phases wrote."""
+    evals = {name: json.loads((args.out / "eval" / name / "summary.json").read_text())
+             for name in models(args) if (args.out / "eval" / name / "summary.json").is_file()}
+    curves = {name: read_jsonl(args.out / name / "metrics.jsonl") for name in rl_runs(args)}
+    demos_info = json.loads((args.out / "demos" / "meta" / "info.json").read_text()) \
+        if (args.out / "demos" / "meta" / "info.json").is_file() else {}
+    sft = evals.get("sft", {}).get("success_rate")
+    rows = []
+    for name in models(args):
+        if name not in evals:
+            continue
+        e = evals[name]
+        # the evaluated checkpoint's own counters (a run cut short is evaluated at its newest checkpoint)
+        state = json.loads((Path(e["checkpoint"]) / "state.json").read_text())
+        curve = [r for r in curves.get(name, []) if r["step"] <= state.get("global_step", 0)]
+        rows.append({"model": name, "success_rate": e["success_rate"], "episodes": e["num_episodes"],
+                     "iteration": None if name == "sft" else state["iteration"],
+                     "gain_points": None if sft is None or name == "sft" else 100 * (e["success_rate"] - sft),
+                     "env_steps": state.get("global_step", 0),
+                     "train_minutes": (sum(r.get("perf/rollout_time", 0) + r.get("perf/update_time", 0)
+                                           for r in curve) / 60) if curve else None})
+    device = "CPU"
+    if args.device == "cuda":
+        import torch
+
+        device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
+    lines = [f"Stack-cube ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {demos_info.get('total_episodes', '?')} "
+             f"expert demos, then RL; {device}. Eval: {args.eval_episodes} episodes from seed {args.eval_seed}, "
+             "deterministic actions.", "",
+             "| model | success | gain over SFT | RL iterations | RL env steps | RL time (rollout + update) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gain = "" if r["gain_points"] is None else f"{r['gain_points']:+.1f} points"
+        minutes = "" if r["train_minutes"] is None else f"{r['train_minutes']:.1f} min"
+        lines.append(f"| {r['model']} | {r['success_rate']:.3f} ({r['episodes']} ep) | {gain} | {r['iteration'] or ''} | "
+                     f"{r['env_steps']:,} | {minutes} |")
+    markdown = "\n".join(lines) + "\n"
+    (args.out / "results.md").write_text(markdown)
+    results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)), "rows": rows,
+               "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
+                              for r in v] for k, v in curves.items()}}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(args, curves, evals)
+    print(markdown)
+    return results
+
+
+def plot(args: Args, curves: dict[str, list[dict]], evals: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sft = evals.get("sft", {}).get("success_rate")
+    if sft is not None:
+        ax.axhline(sft, color="gray", ls="--", label=f"SFT (eval) {sft:.3f}")
+    for i, (name, curve) in enumerate(curves.items()):
+        points = [(r["step"], r["env/success_once"]) for r in curve if "env/success_once" in r]
+        color = f"C{i}"
+        if points:
+            ax.plot(*zip(*points), color=color, label=f"{name} (training rollouts)")
+        if name in evals:
+            step = json.loads((Path(evals[name]["checkpoint"]) / "state.json").read_text()).get("global_step", 0)
+            ax.plot([step], [evals[name]["success_rate"]], "o", color=color, ms=8,
+                    label=f"{name} (eval) {evals[name]['success_rate']:.3f}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("stack-cube: SFT -> RL")
+    fig.tight_layout()
+    fig.savefig(args.out / "success_vs_env_steps.png", dpi=120)
+
+
+def main(args: Args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str))
+    for phase in PHASES:
+        if phase not in args.phases:
+            continue
+        started = time.time()
+        if phase == "report":
+            report(args)
+        else:
+            run_jobs(phase_jobs(phase, args), args)
+        print(f"[{time.strftime('%H:%M:%S')}] phase {phase} took {time.time() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))

@@ -1,0 +1,86 @@
+"""The benchmark drivers: the commands they build parse as real train.py / eval.py / record_demos flags, and the
+scaling arithmetic matches a hand computation."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import eval as eval_script  # noqa: E402
+import scaling  # noqa: E402
+import stack_cube_sft_rl  # noqa: E402
+import train as train_script  # noqa: E402
+from algos import grpo, ppo, sft  # noqa: E402
+from envs import record_demos  # noqa: E402
+
+
+def test_scaling_summary_skips_warmup_and_sums_time():
+    # 3 iterations of 1000 env steps each; the first is warm-up
+    records = [{"step": 1000 * (i + 1), "perf/rollout_time": r, "perf/update_time": u, "perf/peak_memory_gb": m}
+               for i, (r, u, m) in enumerate([(9.0, 9.0, 5.0), (1.5, 0.5, 7.0), (2.5, 0.5, 6.0)])]
+    row = scaling.summarize(records, warmup=1, num_gpus=2)
+    assert row["env_steps_timed"] == 2000 and row["iterations_timed"] == 2
+    assert row["env_steps_per_s"] == pytest.approx(2000 / 5.0)
+    assert row["rollout_s_per_iter"] == pytest.approx(2.0) and row["update_s_per_iter"] == pytest.approx(0.5)
+    assert row["peak_memory_gb"] == 7.0
+    with pytest.raises(RuntimeError, match="need more than --warmup 3"):
+        scaling.summarize(records, warmup=3, num_gpus=2)
+
+
+def test_scaling_efficiency_in_the_table():
+    rows = [{"gpus": 1, "env_steps_per_s": 1000.0, "rollout_s_per_iter": 1, "update_s_per_iter": 1,
+             "peak_memory_gb": 1},
+            {"gpus": 4, "env_steps_per_s": 3600.0, "rollout_s_per_iter": 1, "update_s_per_iter": 1,
+             "peak_memory_gb": 1}]
+    table = scaling.table(rows, scaling.Args(), "test GPU")
+    assert "| 4 | 3,600 |" in table and "| 90 % |" in table
+
+
+def test_scaling_command_is_a_valid_train_command(tmp_path):
+    args = scaling.Args(envs_per_gpu=8, gr00t_tokenizer="/tok", extra="--gamma 0.9")
+    cmd = scaling.train_command(args, 4, tmp_path / "run")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    cfg = train_script.parse(cmd[6:])
+    assert isinstance(cfg, ppo.PPOConfig) and cfg.env.num_envs == 32 and cfg.policy == "gr00t-n1.5-3b"
+    assert cfg.gr00t_tokenizer == "/tok" and cfg.cuda_graphs and cfg.gamma == 0.9 and cfg.run_dir == str(tmp_path / "run")
+
+
+def test_stack_cube_pipeline_commands_are_valid(tmp_path):
+    args = stack_cube_sft_rl.Args(out=tmp_path, image_size=64, max_episode_steps=100, ppo_learning_rates=[1e-5, 3e-5],
+                                  ppo_flags="--gamma 0.95")
+    (demos,) = stack_cube_sft_rl.phase_jobs("demos", args)
+    demo_args = tyro.cli(record_demos.Args, args=demos.cmd[3:])
+    assert demo_args.env.image_size == 64 and demo_args.env.max_episode_steps is None  # the task's limit
+    (sft_job,) = stack_cube_sft_rl.phase_jobs("sft", args)
+    sft_cfg = train_script.parse(sft_job.cmd[2:])
+    assert isinstance(sft_cfg, sft.SFTConfig) and sft_cfg.env.image_size == 64 and sft_cfg.dataset == str(tmp_path / "demos")
+    rl = {job.name: train_script.parse(job.cmd[2:]) for job in stack_cube_sft_rl.phase_jobs("rl", args)}
+    assert sorted(rl) == ["grpo_lr1e-05", "ppo_lr1e-05", "ppo_lr3e-05"]
+    assert isinstance(rl["grpo_lr1e-05"], grpo.GRPOConfig) and rl["ppo_lr3e-05"].learning_rate == 3e-5
+    assert all(c.policy == str(tmp_path / "sft" / "gr00t") and c.env.max_episode_steps == 100 for c in rl.values())
+    assert rl["ppo_lr1e-05"].gamma == 0.95 and rl["ppo_lr1e-05"].run_dir == str(tmp_path / "ppo_lr1e-05")
+    assert rl["ppo_lr1e-05"].num_minibatches == 4 and rl["grpo_lr1e-05"].num_minibatches == 8
+    # eval covers the runs that exist, all with one protocol
+    for name in ("sft", "ppo_lr1e-05", "ppo_lr3e-05"):
+        (tmp_path / name / "checkpoints" / "iter_000005").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "iter_000005" / "state.json").write_text("{}")
+    (tmp_path / "eval" / "ppo_lr3e-05").mkdir(parents=True)  # evaluated at this checkpoint already
+    (tmp_path / "eval" / "ppo_lr3e-05" / "summary.json").write_text(
+        json.dumps({"checkpoint": str(tmp_path / "ppo_lr3e-05" / "checkpoints" / "iter_000005")}))
+    evals = stack_cube_sft_rl.phase_jobs("eval", args)
+    assert [job.name for job in evals] == ["eval_sft", "eval_ppo_lr1e-05"]
+    cfgs = [tyro.cli(eval_script.EvalConfig, args=job.cmd[2:]) for job in evals]
+    assert {(c.num_episodes, c.seed, c.deterministic) for c in cfgs} == {(256, 12345, True)}
+
+
+def test_stack_cube_pipeline_stops_at_a_failed_job(tmp_path):
+    args = stack_cube_sft_rl.Args(out=tmp_path, device="cpu")
+    jobs = [stack_cube_sft_rl.Job("ok", [sys.executable, "-c", "print('fine')"]),
+            stack_cube_sft_rl.Job("bad", [sys.executable, "-c", "raise SystemExit(3)"])]
+    with pytest.raises(SystemExit, match="bad failed; see .*bad.log"):
+        stack_cube_sft_rl.run_jobs(jobs, args)
+    assert (tmp_path / "logs" / "ok.log").read_text() == "fine\n"
