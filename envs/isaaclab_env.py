@@ -210,6 +210,36 @@ class IsaacLabEnv:
         self.episode_length.masked_fill_(done, 0)
         return self.spec.observe(obs), reward, terminated.clone(), truncated.clone(), info
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that decides this env's future observations and rewards, as a flat dict of tensors: the
+        simulator (bodies, joints, actuator targets, solver warm start), Isaac Lab's managers and counters, torch's
+        global RNG (Isaac Lab's reset events draw from it), and this adapter's episode counters and reset keys.
+        `load_state_dict` on an env built with the same config continues from here (see `envs/sim_state.py`)."""
+        from envs import sim_state
+
+        adapter = {
+            "episode_return": self.episode_return,
+            "episode_length": self.episode_length,
+            "reset_keys": self.reset_keys,
+            "next_keys": self._next_keys,
+            "key_generator": self._key_generator.get_state(),
+        }
+        return {**{f"adapter.{k}": v.clone() for k, v in adapter.items()},
+                **{f"isaaclab.{k}": v for k, v in sim_state.capture(self._env).items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict()`'s output: the next `step` returns what the saved env's next `step` would have."""
+        from envs import sim_state
+
+        sim_state.check_compatible(self.state_dict(), state)
+        prefix = "isaaclab."
+        sim_state.restore(self._env, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, check=False)
+        self.episode_return.copy_(state["adapter.episode_return"])
+        self.episode_length.copy_(state["adapter.episode_length"])
+        self.reset_keys.copy_(state["adapter.reset_keys"])
+        self._next_keys.copy_(state["adapter.next_keys"])
+        self._key_generator.set_state(state["adapter.key_generator"].cpu())
+
     def close(self) -> None:
         if getattr(self, "_env", None) is not None:
             self._env.close()
