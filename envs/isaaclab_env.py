@@ -110,6 +110,7 @@ class IsaacLabEnv:
         self.reset_keys = torch.zeros(n, dtype=torch.long, device="cpu")  # the key each env last started from
         self._next_keys = torch.zeros(n, dtype=torch.long, device="cpu")
         self._key_generator = torch.Generator().manual_seed(0)
+        self._started = False  # reset() has run
         dims = self._env.observation_manager.group_obs_term_dim["policy"]
         names = self._env.observation_manager.active_terms["policy"]
         self.state_dim = int(dims[names.index("state")][0]) if "state" in names else int(sum(d[0] for d in dims))
@@ -189,6 +190,7 @@ class IsaacLabEnv:
                 raise ValueError(f"Task {self.task!r} does not support keyed (group) resets; pass reset_keys=None.")
         self._next_keys[:] = reset_keys.to("cpu", torch.long)
         obs, _ = self._env.reset(seed=seed)
+        self._started = True
         self.episode_return.zero_()
         self.episode_length.zero_()
         return self.spec.observe(obs)
@@ -231,6 +233,9 @@ class IsaacLabEnv:
         """Restore `state_dict()`'s output: the next `step` returns what the saved env's next `step` would have."""
         from envs import sim_state
 
+        if not self._started:  # Isaac Lab allocates some buffers (observation histories) on the first reset
+            self._env.reset()
+            self._started = True
         sim_state.check_compatible(self.state_dict(), state)
         prefix = "isaaclab."
         sim_state.restore(self._env, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, check=False)

@@ -185,9 +185,6 @@ def _manager_tensors(env) -> dict[str, torch.Tensor]:
     tm = env.termination_manager
     out["termination._term_dones"] = tm._term_dones
     out["termination._last_episode_dones"] = tm._last_episode_dones
-    for name in ("reset_buf", "reset_terminated", "reset_time_outs"):
-        if isinstance(getattr(env, name, None), torch.Tensor):
-            out[f"env.{name}"] = getattr(env, name)
     return out
 
 
