@@ -5,6 +5,8 @@ Contract (shared by every algorithm in `algos/`):
     env = make_env(EnvConfig(...))
     obs = env.reset(seed=0, reset_keys=None)
     obs, reward, terminated, truncated, info = env.step(actions)
+    state = env.state_dict()      # flat {name: tensor}: everything the coming steps depend on (for exact resume)
+    env.load_state_dict(state)    # into an env built with the same config: continue exactly from there
 
     obs         {"state": float32 [N, S]} and, for camera tasks, "rgb": uint8 [N, V, H, W, 3]
     actions     float32 [N, A] on any device; checked for shape, dtype and finiteness
@@ -238,7 +240,8 @@ class IsaacLabEnv:
             self._started = True
         sim_state.check_compatible(self.state_dict(), state)
         prefix = "isaaclab."
-        sim_state.restore(self._env, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, check=False)
+        sim_state.restore(self._env, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                          check=False)
         self.episode_return.copy_(state["adapter.episode_return"])
         self.episode_length.copy_(state["adapter.episode_length"])
         self.reset_keys.copy_(state["adapter.reset_keys"])

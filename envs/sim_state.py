@@ -48,7 +48,12 @@ def capture(env) -> dict[str, torch.Tensor]:
         for group, model in _lab_actuator_models(art):
             out.update(_prefixed(f"actuators.{name}.{group}", _tensors(model)))
     for name, asset in _assets(env):
-        out.update(_prefixed(f"data.{name}", _asset_caches(asset.data)))
+        data = asset.data
+        out.update(_prefixed(f"data.{name}", _asset_caches(data)))
+        out[f"data.{name}.sim_timestamp"] = torch.tensor(data._sim_timestamp, dtype=torch.float64)
+        for acc in ACC_BUFFERS:
+            if getattr(data, acc, None) is not None:
+                out[f"data.{name}.{acc}.timestamp"] = torch.tensor(getattr(data, acc).timestamp, dtype=torch.float64)
     out.update(_prefixed("solver", _solver_buffers()))
     out.update(_prefixed("managers", _manager_tensors(env)))
     out["env.episode_length_buf"] = env.episode_length_buf
@@ -87,16 +92,21 @@ def restore(env, state: dict[str, torch.Tensor], check: bool = True) -> None:
     env.sim.forward()
     # 3. ...so they go back afterwards
     _copy_into(_solver_buffers(), state, "solver")
+    # 4. asset data: the finite-difference state and the clock it is differenced over; every other cached quantity
+    #    is stale in the restored timeline
+    from isaaclab.utils.buffers import TimestampedBuffer
+
     for name, asset in _assets(env):
         data = asset.data
         data._sim_timestamp = float(state[f"data.{name}.sim_timestamp"])
-        for buffer in vars(data).values():  # every cached quantity is stale in the restored timeline
-            if type(buffer).__name__ == "TimestampedBuffer":
+        for buffer in vars(data).values():
+            if isinstance(buffer, TimestampedBuffer):
                 buffer.timestamp = -1.0
         _copy_into(_asset_caches(data), state, f"data.{name}")
         for acc in ACC_BUFFERS:
-            if hasattr(data, acc):
+            if getattr(data, acc, None) is not None:
                 getattr(data, acc).timestamp = float(state[f"data.{name}.{acc}.timestamp"])
+    # 5. managers, counters, RNG
     _copy_into(_manager_tensors(env), state, "managers")
     env.episode_length_buf.copy_(state["env.episode_length_buf"])
     env.common_step_counter = int(state["env.common_step_counter"])
@@ -110,8 +120,9 @@ def check_compatible(ours: dict[str, torch.Tensor], saved: dict[str, torch.Tenso
     required = lambda keys: {k for k in keys if ".rng." not in f".{k}"}  # noqa: E731
     missing, extra = sorted(required(ours) - set(saved)), sorted(required(saved) - set(ours))
     if missing or extra:
-        raise KeyError(f"the saved env state does not fit this env (another task or config?): missing {missing[:4]}"
-                       f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+        more = lambda keys: " ..." if len(keys) > 4 else ""  # noqa: E731
+        raise KeyError(f"the saved env state does not fit this env (another task or config?): "
+                       f"missing {missing[:4]}{more(missing)}, unexpected {extra[:4]}{more(extra)}")
     for key, value in ours.items():
         if key in saved and saved[key].shape != value.shape:
             raise ValueError(f"the saved env state's {key!r} has shape {tuple(saved[key].shape)}, this env's is "
@@ -128,15 +139,12 @@ def _assets(env):
 
 
 def _asset_caches(data) -> dict[str, torch.Tensor]:
-    out = {"sim_timestamp": torch.tensor(data._sim_timestamp, dtype=torch.float64)}
-    for name in PREVIOUS:
-        if getattr(data, name, None) is not None:
-            out[name] = _torch(getattr(data, name))
+    """Views of an asset's finite-difference buffers: previous velocities and the accelerations taken from them."""
+    out = {name: _torch(getattr(data, name)) for name in PREVIOUS if getattr(data, name, None) is not None}
     for name in ACC_BUFFERS:
         buffer = getattr(data, name, None)
         if buffer is not None and buffer.data is not None:
             out[name] = _torch(buffer.data)
-            out[f"{name}.timestamp"] = torch.tensor(buffer.timestamp, dtype=torch.float64)
     return out
 
 
@@ -174,9 +182,9 @@ def _manager_tensors(env) -> dict[str, torch.Tensor]:
     for attr in ("_interval_term_time_left", "_reset_term_last_triggered_step_id", "_reset_term_last_triggered_once"):
         for i, t in enumerate(getattr(em, attr, [])):
             out[f"event.{attr}.{i}"] = t
-    for mode_terms in getattr(em, "_mode_class_term_cfgs", {}).values():
-        for cfg in mode_terms:
-            out.update(_prefixed(f"event.{type(cfg.func).__name__}", _tensors(cfg.func)))
+    for mode, cfgs in getattr(em, "_mode_class_term_cfgs", {}).items():
+        for i, cfg in enumerate(cfgs):  # class-based event terms keep state of their own
+            out.update(_prefixed(f"event.{mode}.{i}", _tensors(cfg.func)))
     om = env.observation_manager
     for group, buffers in om._group_obs_term_history_buffer.items():
         for term, buffer in buffers.items():
