@@ -5,6 +5,8 @@ Contract (shared by every algorithm in `algos/`):
     env = make_env(EnvConfig(...))
     obs = env.reset(seed=0, reset_keys=None)
     obs, reward, terminated, truncated, info = env.step(actions)
+    state = env.state_dict()      # flat {name: tensor}: everything the coming steps depend on (for exact resume)
+    env.load_state_dict(state)    # into an env built with the same config: continue exactly from there
 
     obs         {"state": float32 [N, S]} and, for camera tasks, "rgb": uint8 [N, V, H, W, 3]
     actions     float32 [N, A] on any device; checked for shape, dtype and finiteness
@@ -110,6 +112,7 @@ class IsaacLabEnv:
         self.reset_keys = torch.zeros(n, dtype=torch.long, device="cpu")  # the key each env last started from
         self._next_keys = torch.zeros(n, dtype=torch.long, device="cpu")
         self._key_generator = torch.Generator().manual_seed(0)
+        self._started = False  # reset() has run
         dims = self._env.observation_manager.group_obs_term_dim["policy"]
         names = self._env.observation_manager.active_terms["policy"]
         self.state_dim = int(dims[names.index("state")][0]) if "state" in names else int(sum(d[0] for d in dims))
@@ -189,6 +192,7 @@ class IsaacLabEnv:
                 raise ValueError(f"Task {self.task!r} does not support keyed (group) resets; pass reset_keys=None.")
         self._next_keys[:] = reset_keys.to("cpu", torch.long)
         obs, _ = self._env.reset(seed=seed)
+        self._started = True
         self.episode_return.zero_()
         self.episode_length.zero_()
         return self.spec.observe(obs)
@@ -209,6 +213,40 @@ class IsaacLabEnv:
         self.episode_return.masked_fill_(done, 0.0)
         self.episode_length.masked_fill_(done, 0)
         return self.spec.observe(obs), reward, terminated.clone(), truncated.clone(), info
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that decides this env's future observations and rewards, as a flat dict of tensors: the
+        simulator (bodies, joints, actuator targets, solver warm start), Isaac Lab's managers and counters, torch's
+        global RNG (Isaac Lab's reset events draw from it), and this adapter's episode counters and reset keys.
+        `load_state_dict` on an env built with the same config continues from here (see `envs/sim_state.py`)."""
+        from envs import sim_state
+
+        adapter = {
+            "episode_return": self.episode_return,
+            "episode_length": self.episode_length,
+            "reset_keys": self.reset_keys,
+            "next_keys": self._next_keys,
+            "key_generator": self._key_generator.get_state(),
+        }
+        return {**{f"adapter.{k}": v.clone() for k, v in adapter.items()},
+                **{f"isaaclab.{k}": v for k, v in sim_state.capture(self._env).items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict()`'s output: the next `step` returns what the saved env's next `step` would have."""
+        from envs import sim_state
+
+        if not self._started:  # Isaac Lab allocates some buffers (observation histories) on the first reset
+            self._env.reset()
+            self._started = True
+        sim_state.check_compatible(self.state_dict(), state)
+        prefix = "isaaclab."
+        sim_state.restore(self._env, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                          check=False)
+        self.episode_return.copy_(state["adapter.episode_return"])
+        self.episode_length.copy_(state["adapter.episode_length"])
+        self.reset_keys.copy_(state["adapter.reset_keys"])
+        self._next_keys.copy_(state["adapter.next_keys"])
+        self._key_generator.set_state(state["adapter.key_generator"].cpu())
 
     def close(self) -> None:
         if getattr(self, "_env", None) is not None:

@@ -1,8 +1,8 @@
 """A tiny pure-torch env with the `envs` contract, for fast tests of the training loops (no Isaac Lab).
 
 A point mass on a line: state (position, velocity), action = force. Reward 1 - x^2 per step; terminated when
-|x| > 1.5; success while |x| < 0.1; truncated at `max_episode_steps`. Unlike the Isaac Lab env it can save and
-restore its whole state (`state_dict`), which lets a test check that `--resume` continues bit-exactly.
+|x| > 1.5; success while |x| < 0.1; truncated at `max_episode_steps`. Like the Isaac Lab env it can save and
+restore its whole state (`state_dict`), which lets a fast test check that `--resume` continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class ToyCameraEnv(ToyEnv):
 
 
 class ToyEnvNoState(ToyEnv):
-    """The same env without state capture, like the Isaac Lab adapter."""
+    """The same env without state capture (an env that cannot restore its episodes)."""
 
     state_dict = None  # type: ignore[assignment]
     load_state_dict = None  # type: ignore[assignment]

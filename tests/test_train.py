@@ -1,6 +1,7 @@
 """End to end: train.py's CLI, exact resume, logging, checkpoints, eval.py, and clear errors for bad input."""
 
 import json
+import warnings
 
 import imageio.v2 as imageio
 import pytest
@@ -155,7 +156,8 @@ def test_default_job_on_stack_cube_end_to_end_then_eval_and_resume(tmp_path):
     frames = imageio.mimread(tmp_path / "eval" / "iter_000002" / "episode_0.mp4")
     assert len(frames) == 17 and frames[0].shape == (64, 64, 3)
 
-    with pytest.warns(UserWarning, match="does not continue bit-exactly"):
+    with warnings.catch_warnings():  # the env's state is in the checkpoint: the episodes continue
+        warnings.filterwarnings("error", message=".*bit-exactly")
         resumed = train_script.main(["ppo", "--resume", str(tmp_path), "--num-iterations", "3"])
     assert [h["charts/iteration"] for h in resumed["history"]] == [3]
     assert json.loads((tmp_path / "checkpoints" / "iter_000003" / "state.json").read_text())["global_step"] == 96
@@ -167,6 +169,19 @@ def test_grpo_on_stack_cube(tmp_path):
     h = out["history"][0]
     assert h["rollout/decisions"] == 2.0 and h["env/episodes"] == 2.0  # one 16-step decision per env
     assert (tmp_path / "checkpoints" / "iter_000001" / "state.json").is_file()
+
+
+def test_resume_on_cartpole_continues_exactly(tmp_path):
+    """PPO on the real Isaac Lab env: 2 iterations, then 2 more after a resume, equal 4 straight. The checkpoint
+    falls mid-episode (16 env steps into 10-step episodes), so this needs the env's state_dict."""
+    flags = ["--policy", "mlp", "--env.task", "Isaac-Cartpole", "--env.num-envs", "2", "--env.device", "cpu",
+             "--env.max-episode-steps", "10", "--num-steps", "8", "--mlp.hidden-sizes", "16", "16", "--save-every", "2"]
+    straight = train_script.main(["ppo", *flags, "--num-iterations", "4", "--run-dir", str(tmp_path / "a")])
+    first = train_script.main(["ppo", *flags, "--num-iterations", "2", "--run-dir", str(tmp_path / "b")])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*bit-exactly")
+        resumed = train_script.main(["ppo", "--resume", str(tmp_path / "b"), "--num-iterations", "4"])
+    _same_run(straight, {"params": resumed["params"], "history": first["history"] + resumed["history"]})
 
 
 def test_mlp_on_cartpole(tmp_path):
