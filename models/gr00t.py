@@ -1026,8 +1026,11 @@ class Gr00tPolicy:
 
     # -- acting --
     def _autocast(self):
+        # No cast cache: inside a caller's autocast region (train loops wrap `sample` in one) the cache would keep
+        # the bf16 copies of the fp32 trainable params across calls, and a CUDA graph captured on a cache hit reads
+        # those stale copies instead of casting the params that optimizer.step() updates in place.
         return torch.autocast(self.device.type, dtype=self.compute_dtype,
-                              enabled=self.compute_dtype != torch.float32)
+                              enabled=self.compute_dtype != torch.float32, cache_enabled=False)
 
     def _rl_kwargs(self) -> dict[str, Any]:
         return {"horizon": self.cfg.executed_actions, "dims": self.processor.action_dim,

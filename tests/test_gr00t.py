@@ -479,8 +479,10 @@ def test_cuda_graph_replay_matches_eager_and_sees_in_place_updates():
     obs = {k: v.cuda() for k, v in make_obs().items()}
 
     def both():
-        a = eager.sample(params, obs, INSTRUCTION, torch.Generator("cuda").manual_seed(0))
-        b = graphed.sample(params, obs, INSTRUCTION, torch.Generator("cuda").manual_seed(0))
+        # inside an outer autocast region, as the training loops call it (its cast cache must not leak in)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a = eager.sample(params, obs, INSTRUCTION, torch.Generator("cuda").manual_seed(0))
+            b = graphed.sample(params, obs, INSTRUCTION, torch.Generator("cuda").manual_seed(0))
         for k in a:
             torch.testing.assert_close(b[k], a[k], atol=1e-3, rtol=1e-3)
         return b
@@ -489,6 +491,7 @@ def test_cuda_graph_replay_matches_eager_and_sees_in_place_updates():
     assert first["backbone_features"].dtype == torch.bfloat16 and first["actions"].dtype == torch.float32
     with torch.no_grad():
         params["action_head.model.proj_out_2.bias"].add_(1.0)      # an optimizer step updates in place
+        params["action_head.model.proj_out_2.weight"].mul_(1.5)
     second = both()
     assert not torch.equal(first["chain"], second["chain"])
     logprob, value, _ = graphed.evaluate(params, second)
