@@ -11,7 +11,8 @@ STACK_CUBE = "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"
 @dataclass
 class EnvConfig:
     task: str = STACK_CUBE
-    """Isaac Lab task id. Isaac Lab 2.x names (`Isaac-...-v0`) are accepted for the stack-cube task."""
+    """Isaac Lab task id (Isaac Lab 2.x names `Isaac-...-v0` are accepted), or one of leanvla's own tasks built on
+    one: `Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor` (stack-cube's first pick: lift the red block, 160 steps)."""
     num_envs: int = 2
     """Parallel sub-environments. `make_env` builds this many on one device; train.py treats it as the total over
     all DDP ranks and gives each rank num_envs / world_size."""

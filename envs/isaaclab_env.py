@@ -58,7 +58,7 @@ def registered_tasks() -> list[str]:
 def resolve_task(name: str) -> str:
     """Map a 2.x alias to its 3.0 id; an unknown id raises with the closest registered names."""
     name = TASK_ALIASES.get(name, name)
-    known = registered_tasks()
+    known = registered_tasks() + list(tasks.LEANVLA_TASKS)
     if name not in known:
         close = difflib.get_close_matches(name, known + list(TASK_ALIASES), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -91,6 +91,7 @@ class IsaacLabEnv:
         if cfg.assets == "offline":
             assets.use_asset_root(assets.ensure_offline_assets())
         self.task = resolve_task(cfg.task)
+        self.isaaclab_task = tasks.LEANVLA_TASKS.get(self.task, self.task)  # the Isaac Lab task it is built from
         self.device = resolve_device(cfg.device)
         self.num_envs = cfg.num_envs
         self.spec = tasks.spec_for(self.task)
@@ -125,7 +126,7 @@ class IsaacLabEnv:
         from isaaclab_tasks.utils.hydra import resolve_presets
         from isaaclab_tasks.utils.parse_cfg import load_cfg_from_registry
 
-        env_cfg = load_cfg_from_registry(self.task, "env_cfg_entry_point")
+        env_cfg = load_cfg_from_registry(self.isaaclab_task, "env_cfg_entry_point")
         presets = ("newton_mjwarp", "newton_renderer") if self.cfg.sim == "kitless" else ()
         env_cfg = resolve_presets(env_cfg, selected=presets)
         env_cfg.sim.device = self.device
@@ -165,7 +166,7 @@ class IsaacLabEnv:
             launcher_args["enable_cameras"] = bool(self.spec.camera_names)
         self._launch.enter_context(launch_simulation(env_cfg, launcher_args))
         try:
-            env = gym.make(self.task, cfg=env_cfg).unwrapped
+            env = gym.make(self.isaaclab_task, cfg=env_cfg).unwrapped
         except BaseException:
             self._launch.close()
             raise

@@ -15,6 +15,10 @@ from envs.config import STACK_CUBE, EnvConfig
 
 STACK_INSTRUCTION = "Stack the red block on the blue block, then stack the green block on the red block."
 STACK_TASKS = (STACK_CUBE, f"{STACK_CUBE}-Cosmos")
+# leanvla's own tasks, each built from an Isaac Lab task: id -> the Isaac Lab id it starts from.
+LIFT_CUBE = "Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor"
+LEANVLA_TASKS = {LIFT_CUBE: STACK_CUBE}
+LIFT_INSTRUCTION = "Pick up the red block."
 
 # Franka finger drives [N/m, N·s/m]. Isaac Lab's Franka config leaves them `None` (read from the USD) and drives
 # only finger 1, relying on a mimic constraint for finger 2; kit-less, both fingers are driven directly.
@@ -24,6 +28,8 @@ TCP_OFFSET = 0.1034
 
 
 def spec_for(task: str) -> TaskSpec:
+    if task == LIFT_CUBE:
+        return LiftCubeSpec()
     return StackCubeSpec() if task in STACK_TASKS else GenericSpec()
 
 
@@ -96,6 +102,8 @@ CUBE_POSE_RANGE = {"x": (0.4, 0.6), "y": (-0.10, 0.10), "z": (0.0203, 0.0203), "
 CUBE_MIN_SEPARATION = 0.1
 JOINT_NOISE_STD = 0.02
 DEFAULT_STACK_STEPS = 448  # 22.4 s at 20 Hz, as RLinf
+DEFAULT_LIFT_STEPS = 160  # 8 s; the expert lifts the red block after about 100 steps
+LIFT_HEIGHT = 0.05  # lift success: the red block's centre this far above its resting height [m]
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,7 @@ class StackCubeSpec(GenericSpec):
     camera_names = ("table_cam", "wrist_cam")
     instruction = STACK_INSTRUCTION
     keyed_resets = True
+    episode_steps = DEFAULT_STACK_STEPS
 
     def patch(self, env_cfg, cfg: EnvConfig) -> None:
         from isaaclab.managers import EventTermCfg, ObservationGroupCfg, ObservationTermCfg
@@ -234,7 +243,7 @@ class StackCubeSpec(GenericSpec):
             setattr(env_cfg.events, name, None)
         env_cfg.events.keyed_reset = EventTermCfg(func=keyed_stack_reset, mode="reset")
 
-        env_cfg.episode_length_s = DEFAULT_STACK_STEPS * env_cfg.sim.dt * env_cfg.decimation
+        env_cfg.episode_length_s = self.episode_steps * env_cfg.sim.dt * env_cfg.decimation
 
     def bind(self, env, adapter) -> None:
         env.leanvla_take_reset_keys = adapter.take_reset_keys
@@ -262,6 +271,27 @@ class StackCubeSpec(GenericSpec):
             "cube_quat": cube_quat,
             "joint_pos": robot.data.joint_pos.torch.clone(),
         }
+
+
+def red_cube_lifted(env, height: float) -> torch.Tensor:
+    """[N] bool: the red block's centre is `height` above its resting height."""
+    z = env.scene[CUBES[1]].data.root_pos_w.torch[:, 2] - env.scene.env_origins[:, 2]
+    return z > CUBE_POSE_RANGE["z"][0] + height
+
+
+class LiftCubeSpec(StackCubeSpec):
+    """The first pick of stack-cube as a task of its own: same scene, cameras, state, actions and keyed resets;
+    success (reward 1.0, episode ends) once the red block is lifted LIFT_HEIGHT; 160 steps. The scripted expert
+    solves it by starting stack-cube's first round."""
+
+    instruction = LIFT_INSTRUCTION
+    episode_steps = DEFAULT_LIFT_STEPS
+
+    def patch(self, env_cfg, cfg: EnvConfig) -> None:
+        from isaaclab.managers import TerminationTermCfg
+
+        super().patch(env_cfg, cfg)
+        env_cfg.terminations.success = TerminationTermCfg(func=red_cube_lifted, params={"height": LIFT_HEIGHT})
 
 
 def _camera_rgb(env, name: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from envs import EnvConfig, make_env, record_demos
 from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_assets
 from envs.expert import DONE, StackExpert
 from envs.lerobot import LeRobotDataset
-from envs.tasks import STACK_INSTRUCTION
+from envs.tasks import LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, STACK_INSTRUCTION
 
 
 def test_offline_franka_has_real_drives():
@@ -53,6 +53,18 @@ def test_expert_stacks_all_three_cubes_and_records_a_lerobot_dataset(tmp_path):
 
     table = pq.read_table(root / "data/chunk-000/episode_000000.parquet")
     assert table.column("next.reward").to_pylist()[-1] == 1.0 and sum(table.column("next.reward").to_pylist()) == 1.0
+
+
+def test_lift_task_succeeds_when_the_expert_lifts_the_red_block(tmp_path):
+    # the expert starts stack-cube's first round; the lift task ends with success once the red block is up
+    args = record_demos.Args(out=tmp_path / "demos", episodes=1, max_attempts=1, seed=0,
+                             env=EnvConfig(task=LIFT_CUBE, num_envs=1, device="cpu", image_size=16))
+    root = record_demos.record(args)
+    episode = LeRobotDataset(root).episode(0)
+    assert episode.task == LIFT_INSTRUCTION and 40 < len(episode.state) < 160
+    assert episode.action[-1, 6] == -1.0  # the gripper holds the block at the end (the expert: -1 closes)
+    # success came from the lift: the tool centre point (state 0:3) rose while the gripper held the block
+    assert episode.state[-1, 2] - episode.state[:, 2].min() > LIFT_HEIGHT / 2
 
 
 def test_a_state_task_through_the_same_adapter():
