@@ -65,6 +65,10 @@ class Args:
     """Folder for results.md, results.json, each run's log and metrics."""
     run_root: Path | None = None
     """Where the runs write checkpoints (3B: several GiB each), e.g. /dev/shm. None: --out."""
+    report_only: bool = False
+    """Only rebuild results.md / results.json from the metrics_<N>gpu.jsonl files already in --out."""
+    device_label: str | None = None
+    """Name of the machine for the table (default: asked from torch; give it with --report-only)."""
     keep_runs: bool = False
     """Keep each run's directory (checkpoints included); by default only its metrics.jsonl stays, in --out."""
 
@@ -123,13 +127,16 @@ def device_name(device: str) -> str:
 def main(args: Args) -> list[dict]:
     if args.warmup < 0 or args.iterations <= args.warmup:
         raise SystemExit(f"error: --iterations {args.iterations} must exceed --warmup {args.warmup}")
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.report_only:
         import torch
 
         available = torch.cuda.device_count()
         if max(args.gpus) > available:
             raise SystemExit(f"error: --gpus asks for {max(args.gpus)} GPUs, this machine has {available}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        rows = [summarize(read_jsonl(args.out / f"metrics_{n}gpu.jsonl"), args.warmup, n) for n in args.gpus]
+        return write_results(rows, args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see the device notes)
     rows = []
@@ -143,8 +150,7 @@ def main(args: Args) -> list[dict]:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise SystemExit(f"error: the {n}-GPU run failed (exit {rc}); see {args.out / f'train_{n}gpu.log'}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        row = summarize(records, args.warmup, n) | {"wall_s": time.time() - started}
+        row = summarize(read_jsonl(run_dir / "metrics.jsonl"), args.warmup, n) | {"wall_s": time.time() - started}
         rows.append(row)
         print(f"[scaling] {n} GPU(s): {row['env_steps_per_s']:,.0f} env-steps/s, rollout "
               f"{row['rollout_s_per_iter']:.2f} s, update {row['update_s_per_iter']:.2f} s per iteration, "
@@ -152,11 +158,21 @@ def main(args: Args) -> list[dict]:
         if not args.keep_runs:
             shutil.copy(run_dir / "metrics.jsonl", args.out / f"metrics_{n}gpu.jsonl")
             shutil.rmtree(run_dir)
-    name = device_name(args.device)
+    return write_results(rows, args)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_results(rows: list[dict], args: Args) -> list[dict]:
+    name = args.device_label or device_name(args.device)
     markdown = table(rows, args, name)
     (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps({"device": name, "args": asdict(args) | {"out": str(args.out)},
-                                                       "rows": rows}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"device": name, "args": asdict(args), "rows": rows}, indent=1,
+                                                      default=str))
     print(markdown)
     return rows
 

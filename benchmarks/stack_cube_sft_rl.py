@@ -1,6 +1,7 @@
 """Demonstrations -> flow-matching SFT -> PPO and GRPO on stack-cube, with one eval protocol for every number.
 
     python benchmarks/stack_cube_sft_rl.py --out runs/stack_cube_sft_rl            # one GPU, everything in turn
+    python benchmarks/stack_cube_sft_rl.py --task Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor --ppo-num-steps 10
     python benchmarks/stack_cube_sft_rl.py --gpus 0 1 2 --ppo-learning-rates 1e-5 3e-5   # RL runs side by side
 
 Phases (`--phases` picks some; each reads what the earlier ones wrote under --out):
@@ -43,11 +44,15 @@ class Args:
     phases: list[Literal["demos", "sft", "rl", "eval", "report"]] = field(default_factory=lambda: list(PHASES))
     """Phases to run, in this order."""
     gpus: list[int] = field(default_factory=lambda: [0])
-    """GPU indices to spread a phase's jobs over (ignored with --device cpu)."""
+    """GPU of each job slot: a phase runs one job per slot at a time. Repeat an index to share a GPU (`0 0 0`:
+    three jobs at once on GPU 0). Ignored with --device cpu (one job at a time)."""
     device: Literal["cuda", "cpu"] = "cuda"
     """Where every job runs."""
     seed: int = 1
     """Seed of SFT and of the RL runs."""
+    task: str = "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"
+    """Camera task with a scripted expert: stack-cube, or its first pick alone,
+    `Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor` (160 steps)."""
     image_size: int = 128
     """Camera size (pixels) for demos, training and eval. GR00T resizes every view to its 224 px input."""
     max_episode_steps: int | None = None
@@ -109,19 +114,19 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], args: Args) -> None:
-    """Run `jobs`, at most one per GPU at a time; stop at the first failure, naming its log."""
+    """Run `jobs`, one per slot of --gpus at a time; stop at the first failure, naming its log."""
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    slots = args.gpus if args.device == "cuda" else [None]
-    pending, running = list(jobs), {}  # slot -> (job, process, started)
+    gpus = args.gpus if args.device == "cuda" else [None]
+    pending, running = list(jobs), {}  # slot -> (job, process, started, log)
     while pending or running:
-        for slot in slots:
+        for slot, gpu in enumerate(gpus):
             if slot not in running and pending:
                 job = pending.pop(0)
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-                if slot is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
-                print(f"[{time.strftime('%H:%M:%S')}] start {job.name} (gpu {slot}): {' '.join(job.cmd)}", flush=True)
+                if gpu is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                print(f"[{time.strftime('%H:%M:%S')}] start {job.name} (gpu {gpu}): {' '.join(job.cmd)}", flush=True)
                 log = open(logs / f"{job.name}.log", "w")
                 running[slot] = (job, subprocess.Popen(job.cmd, cwd=ROOT, env=env, stdout=log,
                                                        stderr=subprocess.STDOUT), time.time(), log)
@@ -145,7 +150,8 @@ def python(*argv: str) -> list[str]:
 
 
 def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
-    flags = ["--env.device", args.device, "--env.image-size", str(args.image_size), "--env.num-envs", str(num_envs)]
+    flags = ["--env.task", args.task, "--env.device", args.device, "--env.image-size", str(args.image_size),
+             "--env.num-envs", str(num_envs)]
     if time_limit and args.max_episode_steps is not None:
         flags += ["--env.max-episode-steps", str(args.max_episode_steps)]
     return flags
@@ -238,7 +244,7 @@ def report(args: Args) -> dict:
         import torch
 
         device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
-    lines = [f"Stack-cube ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {demos_info.get('total_episodes', '?')} "
+    lines = [f"`{args.task}` ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {demos_info.get('total_episodes', '?')} "
              f"expert demos, then RL; {device}. Eval: {args.eval_episodes} episodes from seed {args.eval_seed}, "
              "deterministic actions.", "",
              "| model | success | gain over SFT | RL iterations | RL env steps | RL time (rollout + update) |",
@@ -283,7 +289,7 @@ def plot(args: Args, curves: dict[str, list[dict]], evals: dict[str, dict]) -> N
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("stack-cube: SFT -> RL")
+    ax.set_title(f"{args.task}: SFT -> RL", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out / "success_vs_env_steps.png", dpi=120)
 

@@ -55,6 +55,7 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     (demos,) = stack_cube_sft_rl.phase_jobs("demos", args)
     demo_args = tyro.cli(record_demos.Args, args=demos.cmd[3:])
     assert demo_args.env.image_size == 64 and demo_args.env.max_episode_steps is None  # the task's limit
+    assert demo_args.env.task == args.task
     (sft_job,) = stack_cube_sft_rl.phase_jobs("sft", args)
     sft_cfg = train_script.parse(sft_job.cmd[2:])
     assert isinstance(sft_cfg, sft.SFTConfig) and sft_cfg.env.image_size == 64 and sft_cfg.dataset == str(tmp_path / "demos")
@@ -84,3 +85,17 @@ def test_stack_cube_pipeline_stops_at_a_failed_job(tmp_path):
     with pytest.raises(SystemExit, match="bad failed; see .*bad.log"):
         stack_cube_sft_rl.run_jobs(jobs, args)
     assert (tmp_path / "logs" / "ok.log").read_text() == "fine\n"
+
+
+def test_stack_cube_pipeline_runs_jobs_side_by_side_on_shared_gpus(tmp_path):
+    args = stack_cube_sft_rl.Args(out=tmp_path, gpus=[0, 0])  # two slots on GPU 0
+    # each job announces itself, then succeeds only if it sees the other one running at the same time
+    code = ("import os, pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+            "print(os.environ['CUDA_VISIBLE_DEVICES']); t = time.time()\n"
+            "while not (d / sys.argv[3]).exists():\n"
+            "    time.sleep(0.05)\n"
+            "    if time.time() - t > 60: sys.exit(1)")
+    jobs = [stack_cube_sft_rl.Job(f"j{i}", [sys.executable, "-c", code, str(tmp_path), f"s{i}", f"s{1 - i}"])
+            for i in range(2)]
+    stack_cube_sft_rl.run_jobs(jobs, args)
+    assert [(tmp_path / "logs" / f"j{i}.log").read_text() for i in range(2)] == ["0\n", "0\n"]
