@@ -71,6 +71,9 @@ class PPOConfig(common.RunConfig):
     `linear`: anneal to 0 over --num-iterations (as CleanRL)."""
     desired_kl: float = 0.01
     """Target KL per minibatch of the adaptive schedule."""
+    adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2)
+    """(min, max) of the policy's learning rate under the adaptive schedule (rsl_rl's bounds suit MLPs; GR00T
+    needs far smaller rates, e.g. 1e-8 1e-5). The value head's rate moves by the same factor."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -186,8 +189,10 @@ def update(cfg: PPOConfig, policy, params, optimizer: torch.optim.Optimizer, bat
             loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
             if cfg.lr_schedule == "adaptive":  # on the KL of this minibatch, averaged over ranks (as rsl_rl)
                 kl = (common.all_reduce_sum(pg_stats["approx_kl"]) / run.world_size).item()
+                policy_lr = optimizer.param_groups[0]["lr"]  # make_optimizer puts the policy's group first
+                factor = adaptive_lr(policy_lr, kl, cfg.desired_kl, *cfg.adaptive_lr_bounds) / policy_lr
                 for group in optimizer.param_groups:
-                    group["lr"] = adaptive_lr(group["lr"], kl, cfg.desired_kl)
+                    group["lr"] *= factor
             grad_norm = common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
             for k, v in {"actor/loss": loss, "actor/policy_loss": pg_loss, "actor/value_loss": v_loss,
                          "actor/entropy": entropy, "actor/grad_norm": grad_norm,
@@ -208,6 +213,10 @@ def check_config(cfg: PPOConfig) -> None:
                                  f"{cfg.num_steps * cfg.env.num_envs} rows (--num-steps x --env.num-envs)")
     if cfg.dual_clip is not None and cfg.dual_clip <= 1:
         raise common.ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
+    low, high = cfg.adaptive_lr_bounds
+    if cfg.lr_schedule == "adaptive" and not 0 < low <= cfg.learning_rate <= high:
+        raise common.ConfigError(f"--learning-rate {cfg.learning_rate:g} is outside --adaptive-lr-bounds "
+                                 f"{low:g} {high:g} of the adaptive schedule")
     if not 0 < cfg.clip_coef < 1:
         raise common.ConfigError(f"--clip-coef must be in (0, 1), got {cfg.clip_coef}")
 

@@ -102,6 +102,7 @@ def test_eval_writes_summary_and_videos(tmp_path, monkeypatch):
     (["ppo", "--env.num-envs", "many"], "many"),
     (["ppo", "--num-steps", "0"], "--num-steps must be >= 1"),
     (["ppo", "--dual-clip", "0.5"], "--dual-clip must be > 1"),
+    (["ppo", "--lr-schedule", "adaptive", "--learning-rate", "3e-7"], "--learning-rate 3e-07 is outside --adaptive-lr"),
     (["grpo", "--env.num-envs", "3", "--group-size", "2"], "not divisible by --group-size 2"),
     (["ppo", "--resume", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
 ])
