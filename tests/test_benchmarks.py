@@ -51,6 +51,7 @@ def test_scaling_command_is_a_valid_train_command(tmp_path):
 
 def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     args = stack_cube_sft_rl.Args(out=tmp_path, image_size=64, max_episode_steps=100, ppo_learning_rates=[1e-5, 3e-5],
+                                  grpo_learning_rate=1e-5, ppo_num_minibatches=4, grpo_num_minibatches=8,
                                   ppo_flags="--gamma 0.95")
     (demos,) = stack_cube_sft_rl.phase_jobs("demos", args)
     demo_args = tyro.cli(record_demos.Args, args=demos.cmd[3:])
