@@ -52,7 +52,8 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
     root = _write_dataset(tmp_path / "ds", episodes=2, length=12)
     demos = sft.Demonstrations.load(root)
     cfg = sft.SFTConfig(dataset=str(root), num_iterations=60, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
-                        log_every=60, save_every=30, run_dir=str(tmp_path / "run"), env=EnvConfig(device="cpu"), seed=3)
+                        log_every=60, save_every=30, run_dir=str(tmp_path / "run"),
+                        env=EnvConfig(device="cpu", image_size=32), seed=3)
     policy, initial, _ = sft.make_policy(cfg, demos, torch.device("cpu"), False, None)  # what train() starts from
     out = sft.train(cfg)
     assert np.isfinite(out["sft/loss"])
@@ -75,4 +76,7 @@ def test_bad_dataset_is_a_clear_error(tmp_path):
         sft.train(sft.SFTConfig(dataset=str(tmp_path / "missing"), env=EnvConfig(device="cpu")))
     with pytest.raises(common.ConfigError, match="must be a GR00T preset"):
         root = _write_dataset(tmp_path / "ds", episodes=1, length=3)
-        sft.train(sft.SFTConfig(dataset=str(root), policy="mlp", run_dir=str(tmp_path / "r"), env=EnvConfig(device="cpu")))
+        sft.train(sft.SFTConfig(dataset=str(root), policy="mlp", run_dir=str(tmp_path / "r"),
+                                env=EnvConfig(device="cpu", image_size=32)))
+    with pytest.raises(common.ConfigError, match="has 32x32 views but --env.image-size is 224; pass --env.image-size 32"):
+        sft.train(sft.SFTConfig(dataset=str(root), run_dir=str(tmp_path / "r2"), env=EnvConfig(device="cpu")))
