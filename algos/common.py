@@ -286,7 +286,8 @@ def env_metadata(state: torch.Tensor, action: torch.Tensor, view_size: tuple[int
     The one place that fixes this key layout (random-init policies and SFT on demonstrations both use it)."""
     from models.gr00t_processor import metadata_from_data
 
-    return metadata_from_data(embodiment_tag, {"state": state}, {"action": action[:, :-1], "gripper": action[:, -1:]},
+    arm = {"action": action[:, :-1]} if action.shape[1] > 1 else {}  # a 1-d action is the gripper alone
+    return metadata_from_data(embodiment_tag, {"state": state}, {**arm, "gripper": action[:, -1:]},
                               {f"view{v}": view_size for v in range(num_views)})
 
 
