@@ -155,3 +155,14 @@ def test_policy_value_without_value_method_leaves_the_training_rng_alone():
     before = run.generator.get_state()
     common.policy_value(NoValue(), {}, {}, "", run)
     assert torch.equal(run.generator.get_state(), before)
+
+
+def test_env_metadata_splits_arm_and_gripper_and_takes_a_gripper_alone():
+    state, action = torch.randn(50, 8), torch.randn(50, 7)
+    meta = common.env_metadata(state, action, (64, 48), 2)
+    assert sorted(meta["statistics"]["action"]) == ["action", "gripper"]
+    assert meta["statistics"]["action"]["action"]["max"] == action[:, :6].max(0).values.tolist()
+    assert meta["statistics"]["action"]["gripper"]["min"] == [action[:, 6].min().item()]
+    assert meta["modalities"]["video"]["view1"]["resolution"] == [64, 48]
+    one_d = common.env_metadata(state, action[:, :1], (16, 16), 1)  # e.g. a 1-d force: no arm part
+    assert list(one_d["statistics"]["action"]) == ["gripper"]
