@@ -4,7 +4,8 @@
     python benchmarks/stack_cube_sft_rl.py --task IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor --ppo-num-steps 28
     python benchmarks/stack_cube_sft_rl.py --gpus 0 1 2 --ppo-learning-rates 1e-7 3e-7   # one RL job per GPU
 
-Phases (`--phases` picks some; each reads what the earlier ones wrote under --out):
+Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `demos` rewrites the dataset,
+`sft` and `rl` refuse to start over an existing run):
   demos   the scripted expert's successful episodes as a LeRobot v2 dataset   (envs/record_demos.py)
   sft     GR00T (`--sft-policy`, random init) fine-tuned on them               (train.py sft)
   rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
@@ -12,7 +13,7 @@ Phases (`--phases` picks some; each reads what the earlier ones wrote under --ou
   report  results.md / results.json and success_vs_env_steps.png
 
 Every job is a subprocess on one GPU (CUDA_VISIBLE_DEVICES) with its log under `<out>/logs/`. Jobs of one phase
-run in parallel over `--gpus` (one job per GPU at a time). The training curves are the runs' own rollouts
+run in parallel, one per entry of `--gpus` (default `0 0`: two jobs share GPU 0). The training curves are the runs' own rollouts
 (stochastic actions); the eval points are deterministic.
 """
 
@@ -160,17 +161,17 @@ def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
 
 def rl_runs(args: Args) -> dict[str, list[str]]:
     """Run name -> `train.py` arguments of every RL run."""
-    common = ["--policy", str(args.out / "sft" / "gr00t"), *env_flags(args, args.rl_num_envs), "--seed",
+    shared = ["--policy", str(args.out / "sft" / "gr00t"), *env_flags(args, args.rl_num_envs), "--seed",
               str(args.seed)]
     runs = {}
     for lr in args.ppo_learning_rates:
         name = f"ppo_lr{lr:g}"
-        runs[name] = ["ppo", *common, "--num-steps", str(args.ppo_num_steps), "--learning-rate", str(lr),
+        runs[name] = ["ppo", *shared, "--num-steps", str(args.ppo_num_steps), "--learning-rate", str(lr),
                       "--num-iterations", str(args.ppo_iterations), "--save-every", str(args.rl_save_every),
                       "--num-minibatches", str(args.ppo_num_minibatches), "--run-dir", str(args.out / name),
                       *shlex.split(args.ppo_flags)]
     name = f"grpo_lr{args.grpo_learning_rate:g}"
-    runs[name] = ["grpo", *common, "--group-size", str(args.grpo_group_size),
+    runs[name] = ["grpo", *shared, "--group-size", str(args.grpo_group_size),
                   "--learning-rate", str(args.grpo_learning_rate), "--num-iterations", str(args.grpo_iterations),
                   "--save-every", str(args.rl_save_every), "--num-minibatches", str(args.grpo_num_minibatches),
                   "--run-dir", str(args.out / name), *shlex.split(args.grpo_flags)]
@@ -182,12 +183,20 @@ def models(args: Args) -> dict[str, Path]:
     return {"sft": args.out / "sft", **{name: args.out / name for name in rl_runs(args)}}
 
 
+def refuse_existing(runs: list[Path]) -> None:
+    """A training run appends to an existing run directory; refuse rather than mix two runs' logs."""
+    existing = [str(r) for r in runs if r.exists()]
+    if existing:
+        raise SystemExit(f"error: {', '.join(existing)} already exist; remove them or pick another --out")
+
+
 def phase_jobs(phase: str, args: Args) -> list[Job]:
     if phase == "demos":
         return [Job("demos", python("-m", "envs.record_demos", "--out", str(args.out / "demos"), "--overwrite",
                                     "--episodes", str(args.demo_episodes), "--seed", "0",
                                     *env_flags(args, args.demo_num_envs, time_limit=False)))]
     if phase == "sft":
+        refuse_existing([args.out / "sft"])
         return [Job("sft", python("train.py", "sft", "--dataset", str(args.out / "demos"), "--policy", args.sft_policy,
                                   "--num-iterations", str(args.sft_iterations), "--batch-size", str(args.sft_batch_size),
                                   "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
@@ -195,6 +204,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   *(["--tune-visual"] if args.sft_tune_visual else []),
                                   *env_flags(args, args.eval_num_envs)))]
     if phase == "rl":
+        refuse_existing([args.out / name for name in rl_runs(args)])
         return [Job(name, python("train.py", *argv)) for name, argv in rl_runs(args).items()]
     if phase == "eval":
         todo = {}

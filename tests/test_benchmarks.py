@@ -66,6 +66,9 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     assert all(c.policy == str(tmp_path / "sft" / "gr00t") and c.env.max_episode_steps == 100 for c in rl.values())
     assert rl["ppo_lr1e-05"].gamma == 0.95 and rl["ppo_lr1e-05"].run_dir == str(tmp_path / "ppo_lr1e-05")
     assert rl["ppo_lr1e-05"].num_minibatches == 4 and rl["grpo_lr1e-05"].num_minibatches == 8
+    (tmp_path / "ppo_lr3e-05").mkdir()  # an earlier run there: RL refuses to mix into it
+    with pytest.raises(SystemExit, match="ppo_lr3e-05 already exist"):
+        stack_cube_sft_rl.phase_jobs("rl", args)
     # eval covers the runs that exist, all with one protocol
     for name in ("sft", "ppo_lr1e-05", "ppo_lr3e-05"):
         (tmp_path / name / "checkpoints" / "iter_000005").mkdir(parents=True)
