@@ -155,8 +155,8 @@ def main(args: Args) -> list[dict]:
         print(f"[scaling] {n} GPU(s): {row['env_steps_per_s']:,.0f} env-steps/s, rollout "
               f"{row['rollout_s_per_iter']:.2f} s, update {row['update_s_per_iter']:.2f} s per iteration, "
               f"peak {row['peak_memory_gb']:.1f} GiB ({row['wall_s']:.0f} s in all)", flush=True)
+        shutil.copy(run_dir / "metrics.jsonl", args.out / f"metrics_{n}gpu.jsonl")  # what --report-only reads
         if not args.keep_runs:
-            shutil.copy(run_dir / "metrics.jsonl", args.out / f"metrics_{n}gpu.jsonl")
             shutil.rmtree(run_dir)
     return write_results(rows, args)
 
