@@ -71,6 +71,9 @@ class PPOConfig(common.RunConfig):
     `linear`: anneal to 0 over --num-iterations (as CleanRL)."""
     desired_kl: float = 0.01
     """Target KL per minibatch of the adaptive schedule."""
+    value_warmup_iterations: int = 0
+    """Leading iterations that train only the value head (the policy's weights stay fixed: no policy loss, no
+    entropy bonus, learning rate 0), so that a fresh critic (e.g. after SFT) gives sensible advantages first."""
     adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2)
     """(min, max) of the policy's learning rate under the adaptive schedule (rsl_rl's bounds suit MLPs; GR00T
     needs far smaller rates, e.g. 1e-8 1e-5). The value head's rate moves by the same factor."""
@@ -171,8 +174,13 @@ def adaptive_lr(lr: float, kl: float, desired_kl: float, low: float = 1e-5, high
 # The update (side effects: the optimizer) and the training loop.
 # ------------------------------------------------------------------------------------------------------------------
 def update(cfg: PPOConfig, policy, params, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-           run: common.Run) -> dict[str, float]:
-    """`update_epochs` passes of minibatch AdamW steps over `batch` (flat rows, with advantages and returns)."""
+           run: common.Run, train_policy: bool = True) -> dict[str, float]:
+    """`update_epochs` passes of minibatch AdamW steps over `batch` (flat rows, with advantages and returns).
+    With `train_policy=False` only the value loss is minimised and the policy's learning rate is 0 (so that weight
+    decay does not move it either)."""
+    policy_lr = optimizer.param_groups[0]["lr"]  # make_optimizer puts the policy's group first
+    if not train_policy:
+        optimizer.param_groups[0]["lr"] = 0.0
     num_rows = batch["advantages"].shape[0]
     totals: dict[str, list[torch.Tensor]] = {}
     for _ in range(cfg.update_epochs):
@@ -186,19 +194,20 @@ def update(cfg: PPOConfig, policy, params, optimizer: torch.optim.Optimizer, bat
                                               cfg.vf_clip_coef if cfg.clip_vloss else None, cfg.value_loss,
                                               cfg.huber_delta)
             entropy = entropy.float().mean() if entropy is not None else torch.zeros((), device=run.device)
-            loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
-            if cfg.lr_schedule == "adaptive":  # on the KL of this minibatch, averaged over ranks (as rsl_rl)
+            loss = cfg.vf_coef * v_loss + ((pg_loss - cfg.ent_coef * entropy) if train_policy else 0.0)
+            if cfg.lr_schedule == "adaptive" and train_policy:  # on this minibatch's KL over ranks (as rsl_rl)
                 kl = (common.all_reduce_sum(pg_stats["approx_kl"]) / run.world_size).item()
-                policy_lr = optimizer.param_groups[0]["lr"]  # make_optimizer puts the policy's group first
                 factor = adaptive_lr(policy_lr, kl, cfg.desired_kl, *cfg.adaptive_lr_bounds) / policy_lr
                 for group in optimizer.param_groups:
                     group["lr"] *= factor
+                policy_lr = optimizer.param_groups[0]["lr"]
             grad_norm = common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
             for k, v in {"actor/loss": loss, "actor/policy_loss": pg_loss, "actor/value_loss": v_loss,
                          "actor/entropy": entropy, "actor/grad_norm": grad_norm,
                          "actor/approx_kl": pg_stats["approx_kl"], "actor/pg_clipfrac": pg_stats["clipfrac"],
                          "actor/value_clip_ratio": v_clip_ratio}.items():
                 totals.setdefault(k, []).append(v.detach().float())
+    optimizer.param_groups[0]["lr"] = policy_lr
     means = common.all_reduce_sum(torch.stack([torch.stack(v).mean() for v in totals.values()])) / run.world_size
     return dict(zip(totals, means.tolist()))
 
@@ -213,6 +222,8 @@ def check_config(cfg: PPOConfig) -> None:
                                  f"{cfg.num_steps * cfg.env.num_envs} rows (--num-steps x --env.num-envs)")
     if cfg.dual_clip is not None and cfg.dual_clip <= 1:
         raise common.ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
+    if cfg.value_warmup_iterations < 0:
+        raise common.ConfigError(f"--value-warmup-iterations must be >= 0, got {cfg.value_warmup_iterations}")
     low, high = cfg.adaptive_lr_bounds
     if cfg.lr_schedule == "adaptive" and not 0 < low <= cfg.learning_rate <= high:
         raise common.ConfigError(f"--learning-rate {cfg.learning_rate:g} is outside --adaptive-lr-bounds "
@@ -265,7 +276,8 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
 
         # 3. Update, then fold this rollout into the observation normaliser (used from the next rollout on).
         t_update = common.timestamp(run)
-        metrics = update(cfg, policy, params, optimizer, rows, run)
+        metrics = update(cfg, policy, params, optimizer, rows, run,
+                         train_policy=iteration >= cfg.value_warmup_iterations)
         if hasattr(policy, "update_normalizer") and "state" in batch:
             policy.update_normalizer(params, batch["state"], common.all_reduce_sum)
         t_done = common.timestamp(run)

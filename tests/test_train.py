@@ -191,3 +191,17 @@ def test_mlp_on_cartpole(tmp_path):
                              "--run-dir", str(tmp_path)])
     assert out["params"]["obs_norm.count"].item() == 2 * 8 * 4
     assert all(torch.isfinite(torch.tensor(h["actor/loss"])) for h in out["history"])
+
+
+def test_value_warmup_trains_the_critic_and_leaves_the_policy(tmp_path, monkeypatch):
+    from algos import common
+
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    flags = [*SMALL, "--env.num-envs", "4", "--num-steps", "8", "--weight-decay", "0.1", "--run-dir", str(tmp_path)]
+    out = train_script.main(["ppo", *flags, "--num-iterations", "2", "--value-warmup-iterations", "2"])
+    cfg = train_script.parse(["ppo", *flags])
+    _, initial, _ = common.make_policy(cfg, ToyEnv(cfg.env), torch.device("cpu"))
+    weights = [n for n in initial if n.startswith(("actor.", "log_std", "std"))]
+    assert weights and all(torch.equal(out["params"][n], initial[n]) for n in weights)
+    assert not torch.equal(out["params"]["critic.0.weight"], initial["critic.0.weight"])
+    assert out["history"][-1]["charts/learning_rate"] == cfg.learning_rate  # restored after each update
