@@ -161,6 +161,12 @@ def timestamp(run: Run) -> float:
     return time.perf_counter()
 
 
+def perf_metrics(run: Run, t_rollout: float, t_update: float, t_done: float) -> dict[str, float]:
+    """Seconds of an iteration's rollout and update (from `timestamp`s) and the peak GPU memory of all ranks."""
+    return {"perf/rollout_time": t_update - t_rollout, "perf/update_time": t_done - t_update,
+            "perf/peak_memory_gb": peak_memory_gb(run)}
+
+
 def peak_memory_gb(run: Run) -> float:
     """The largest peak of allocated GPU memory over all ranks, in GiB (0 on CPU)."""
     if run.device.type != "cuda":

@@ -190,8 +190,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
                     "rollout/decisions": sums[4].item(), **episodes.metrics(),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1,
-                    "perf/rollout_time": t_update - t_rollout, "perf/update_time": t_done - t_update,
-                    "perf/peak_memory_gb": common.peak_memory_gb(run)}
+                    **common.perf_metrics(run, t_rollout, t_update, t_done)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)

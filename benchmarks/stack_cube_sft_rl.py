@@ -271,18 +271,20 @@ def report(args: Args) -> dict:
                "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
                               for r in v] for k, v in curves.items()}}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    plot(args, curves, evals)
+    plot(args, curves, rows)
     print(markdown)
     return results
 
 
-def plot(args: Args, curves: dict[str, list[dict]], evals: dict[str, dict]) -> None:
+def plot(args: Args, curves: dict[str, list[dict]], rows: list[dict]) -> None:
+    """Training-rollout success of each RL run against env steps; each model's eval as a point (`report`'s rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    evals = {r["model"]: r for r in rows}
     sft = evals.get("sft", {}).get("success_rate")
     if sft is not None:
         ax.axhline(sft, color="gray", ls="--", label=f"SFT (eval) {sft:.3f}")
@@ -292,8 +294,7 @@ def plot(args: Args, curves: dict[str, list[dict]], evals: dict[str, dict]) -> N
         if points:
             ax.plot(*zip(*points), color=color, label=f"{name} (training rollouts)")
         if name in evals:
-            step = json.loads((Path(evals[name]["checkpoint"]) / "state.json").read_text()).get("global_step", 0)
-            ax.plot([step], [evals[name]["success_rate"]], "o", color=color, ms=8,
+            ax.plot([evals[name]["env_steps"]], [evals[name]["success_rate"]], "o", color=color, ms=8,
                     label=f"{name} (eval) {evals[name]['success_rate']:.3f}")
     ax.set_xlabel("env steps")
     ax.set_ylabel("success rate")
