@@ -54,6 +54,9 @@ class RunConfig:
     """Replay GR00T's `sample` from CUDA graphs (GPU only; one graph per batch shape)."""
     num_iterations: int = 2
     """Rollout + update iterations in total (a resumed run continues up to this number)."""
+    max_minutes: float | None = None
+    """Stop early after the first iteration that ends this many minutes into training (a checkpoint is written
+    there): a fixed compute budget. None: run all --num-iterations."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision; master weights stay fp32. `auto`: bf16 autocast on GPU, fp32 on CPU."""
     torch_deterministic: bool = True
@@ -85,6 +88,8 @@ def check_run_config(cfg: RunConfig) -> None:
     for name in ("num_iterations", "save_every", "keep_last"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise ConfigError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
     if cfg.env.num_envs < 1:
         raise ConfigError(f"--env.num-envs must be >= 1, got {cfg.env.num_envs}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -584,6 +589,19 @@ def load_params_into(ckpt: Path, policy, params: dict[str, torch.Tensor]) -> Non
 def checkpoint_due(run: Run, iteration: int) -> bool:
     """Save after iteration `iteration` (1-based count of finished iterations)?"""
     return iteration % run.cfg.save_every == 0 or iteration == run.cfg.num_iterations
+
+
+def out_of_time(run: Run, started: float) -> bool:
+    """Has --max-minutes passed since `started` (time.perf_counter())? Judged by the slowest rank's clock, so that
+    all ranks stop after the same iteration."""
+    if run.cfg.max_minutes is None:
+        return False
+    elapsed = all_reduce_max(torch.tensor(time.perf_counter() - started, device=run.device, dtype=torch.float64))
+    if elapsed.item() < 60 * run.cfg.max_minutes:
+        return False
+    if run.is_main:
+        print(f"{run.algo}: --max-minutes {run.cfg.max_minutes:g} reached; stopping")
+    return True
 
 
 def carry_state(env, obs: dict[str, torch.Tensor], success_seen: torch.Tensor) -> dict[str, torch.Tensor]:

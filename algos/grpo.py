@@ -147,7 +147,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         start, global_step = meta["iteration"], meta["global_step"]
     success_seen = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
 
-    history, steps_here, t_start = [], 0, time.time()
+    history, steps_here, t_start = [], 0, time.perf_counter()
     bar = common.progress(run, start, cfg.num_iterations)
     for iteration in bar:
         # 1. Rollout: groups start identically; play until every env has ended its first episode.
@@ -189,15 +189,18 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
                     "rollout/advantages_mean": sums[3].item() / max(sums[2].item(), 1),
                     "rollout/decisions": sums[4].item(), **episodes.metrics(),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1,
+                    "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,
                     **common.perf_metrics(run, t_rollout, t_update, t_done)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)
         common.show(bar, metrics)
-        if common.checkpoint_due(run, iteration + 1):
+        stop = common.out_of_time(run, t_start)
+        if common.checkpoint_due(run, iteration + 1) or stop:
             common.save_checkpoint(run, iteration + 1, {"global_step": global_step}, policy, params, base, optimizer,
                                    {})
+        if stop:
+            break
     env.close()
     common.finish_run(run)
     return {"params": params, "history": history, "run_dir": run.run_dir}

@@ -74,6 +74,10 @@ class PPOConfig(common.RunConfig):
     value_warmup_iterations: int = 0
     """Leading iterations that train only the value head (the policy's weights stay fixed: no policy loss, no
     entropy bonus, learning rate 0), so that a fresh critic (e.g. after SFT) gives sensible advantages first."""
+    bootstrap_time_limits: bool = True
+    """At a time-limit truncation, count what the episode would have earned next as V (rsl_rl): right when the
+    limit only cuts a longer task short. --no-bootstrap-time-limits: the limit is part of the task (succeed
+    within N steps, as the camera tasks here and RLinf's Isaac Lab tasks), so a timed-out episode earns 0 more."""
     adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2)
     """(min, max) of the policy's learning rate under the adaptive schedule (rsl_rl's bounds suit MLPs; GR00T
     needs far smaller rates, e.g. 1e-8 1e-5). The value head's rate moves by the same factor."""
@@ -84,7 +88,8 @@ class PPOConfig(common.RunConfig):
 # ------------------------------------------------------------------------------------------------------------------
 def gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor,
         truncated: torch.Tensor, gamma: float, gae_lambda: float,
-        truncation_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        truncation_values: torch.Tensor | None = None, bootstrap_truncations: bool = True,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over decisions. Returns (advantages, returns), each [D, N].
 
     rewards, values, terminated, truncated: [D, N]; next_value: [N], the value of the obs after the last decision.
@@ -92,7 +97,11 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_value: torch.Tensor, t
     it. What the ended episode would have earned next is 0 after a termination, but after a truncation (time
     limit) it is estimated by `truncation_values` [D, N]: the value of the final obs if one has it; by default
     V(s_t) of the decision itself, as rsl_rl does, since the env returns the next episode's first obs instead.
+    With `bootstrap_truncations=False` a truncation is an end like a termination (the time limit is part of the
+    task).
     """
+    if not bootstrap_truncations:
+        terminated, truncated = terminated | truncated, torch.zeros_like(truncated)
     if truncation_values is None:
         truncation_values = values
     advantages = torch.zeros_like(rewards)
@@ -253,7 +262,7 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
         success_seen = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
-    history, steps_here, t_start = [], 0, time.time()
+    history, steps_here, t_start = [], 0, time.perf_counter()
     bar = common.progress(run, start, cfg.num_iterations)
     for iteration in bar:
         if cfg.lr_schedule == "linear":
@@ -268,7 +277,8 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
 
         # 2. Advantages over decisions (chunk-level rewards and dones).
         advantages, returns = gae(batch["reward"], batch["value"].float(), next_value, batch["terminated"],
-                                  batch["truncated"], cfg.gamma, cfg.gae_lambda)
+                                  batch["truncated"], cfg.gamma, cfg.gae_lambda,
+                                  bootstrap_truncations=cfg.bootstrap_time_limits)
         rows = {k: v.flatten(0, 1) for k, v in batch.items()}
         rows["returns"] = returns.flatten()
         rows["advantages"] = normalize(advantages.flatten(), common.all_reduce_sum) if cfg.norm_adv \
@@ -290,15 +300,18 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/advantages_mean": sums[1].item() / n,
                     "rollout/rewards_mean": sums[2].item() / n, **episodes.metrics(),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "charts/SPS": steps_here / (time.time() - t_start), "charts/iteration": iteration + 1,
+                    "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,
                     **common.perf_metrics(run, t_rollout, t_update, t_done)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)
         common.show(bar, metrics)
-        if common.checkpoint_due(run, iteration + 1):
+        stop = common.out_of_time(run, t_start)
+        if common.checkpoint_due(run, iteration + 1) or stop:
             common.save_checkpoint(run, iteration + 1, {"global_step": global_step}, policy, params, base, optimizer,
                                    common.carry_state(env, obs, success_seen))
+        if stop:
+            break
     env.close()
     common.finish_run(run)
     return {"params": params, "history": history, "run_dir": run.run_dir}

@@ -177,7 +177,8 @@ def train(cfg: SFTConfig) -> dict:
         loss = policy.sft_loss(params, batch, generator=run.generator)
         grad_norm = common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
         frames_seen += cfg.batch_size * run.world_size
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_iterations:
+        stop = common.out_of_time(run, started)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_iterations or stop:
             metrics = {"sft/loss": float(common.all_reduce_sum(loss.detach()) / run.world_size),
                        "actor/grad_norm": float(grad_norm), "sft/learning_rate": lr,
                        "charts/SPS": frames_seen / (time.perf_counter() - started)}
@@ -185,8 +186,10 @@ def train(cfg: SFTConfig) -> dict:
                 run.logger.log(metrics, step + 1)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{metrics['sft/loss']:.4f}", refresh=False)
-        if common.checkpoint_due(run, step + 1):
+        if common.checkpoint_due(run, step + 1) or stop:
             common.save_checkpoint(run, step + 1, {"frames_seen": frames_seen}, policy, params, base, optimizer, {})
+        if stop:
+            break
     if run.is_main:
         export = run.run_dir / EXPORT_DIR
         policy.save(params, str(export))

@@ -30,6 +30,10 @@ def test_gae_terminations_truncations_hand_computed():
     trunc_values[1, 1] = 10.0
     adv, _ = gae(rewards, values, next_value, terminated, truncated, 0.5, 0.5, truncation_values=trunc_values)
     assert adv[:, 1].tolist() == [0.5, 2.0, -6.0]  # t1: 1 + .5*10 - 4 = 2; t0: 0 + 2 - 2 + .25*2 = 0.5
+    # with the time limit as part of the task: the truncation ends the episode like a termination
+    adv, ret = gae(rewards, values, next_value, terminated, truncated, 0.5, 0.5, bootstrap_truncations=False)
+    assert adv[:, 1].tolist() == [-0.75, -3.0, -6.0]  # t1: 1 - 4 = -3; t0: 0 + .5*4 - 2 + .25*(-3) = -0.75
+    assert adv[:, 0].tolist() == [0.75, 1.0, 3.0]  # env 0 is unchanged
 
 
 class ScriptedEnv:

@@ -80,3 +80,14 @@ def test_bad_dataset_is_a_clear_error(tmp_path):
                                 env=EnvConfig(device="cpu", image_size=32)))
     with pytest.raises(common.ConfigError, match="has 32x32 views but --env.image-size is 224; pass --env.image-size 32"):
         sft.train(sft.SFTConfig(dataset=str(root), run_dir=str(tmp_path / "r2"), env=EnvConfig(device="cpu")))
+
+
+def test_max_minutes_stops_early_and_still_exports(tmp_path, capsys):
+    root = _write_dataset(tmp_path / "ds", episodes=1, length=6)
+    cfg = sft.SFTConfig(dataset=str(root), num_iterations=50, batch_size=4, max_minutes=1e-9, save_every=20,
+                        run_dir=str(tmp_path / "run"), env=EnvConfig(device="cpu", image_size=32))
+    out = sft.train(cfg)
+    assert np.isfinite(out["sft/loss"])  # the last step is logged
+    assert [c.name for c in (tmp_path / "run" / "checkpoints").iterdir()] == ["iter_000001"]
+    assert (tmp_path / "run" / "gr00t" / "config.json").is_file()
+    assert "--max-minutes 1e-09 reached; stopping" in capsys.readouterr().out

@@ -105,6 +105,7 @@ def test_eval_writes_summary_and_videos(tmp_path, monkeypatch):
     (["ppo", "--lr-schedule", "adaptive", "--learning-rate", "3e-7"], "--learning-rate 3e-07 is outside --adaptive-lr"),
     (["grpo", "--env.num-envs", "3", "--group-size", "2"], "not divisible by --group-size 2"),
     (["ppo", "--resume", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
+    (["grpo", "--max-minutes", "0"], "--max-minutes must be > 0, got 0.0"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -205,3 +206,14 @@ def test_value_warmup_trains_the_critic_and_leaves_the_policy(tmp_path, monkeypa
     assert weights and all(torch.equal(out["params"][n], initial[n]) for n in weights)
     assert not torch.equal(out["params"]["critic.0.weight"], initial["critic.0.weight"])
     assert out["history"][-1]["charts/learning_rate"] == cfg.learning_rate  # restored after each update
+
+
+@pytest.mark.parametrize("algo, flags", [("ppo", ["--num-steps", "4"]),
+                                         ("grpo", ["--group-size", "2", "--env.max-episode-steps", "8"])])
+def test_max_minutes_stops_early_with_a_checkpoint(tmp_path, monkeypatch, capsys, algo, flags):
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    out = train_script.main([algo, *SMALL, *flags, "--env.num-envs", "4", "--num-iterations", "5", "--save-every",
+                             "4", "--max-minutes", "1e-9", "--run-dir", str(tmp_path)])
+    assert len(out["history"]) == 1  # the budget ran out during the first iteration
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter_000001"]
+    assert "--max-minutes 1e-09 reached; stopping" in capsys.readouterr().out
