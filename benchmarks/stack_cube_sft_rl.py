@@ -77,24 +77,30 @@ class Args:
     # rl
     rl_num_envs: int = 256
     """Envs of each RL run."""
-    ppo_iterations: int = 20
-    """PPO iterations."""
+    rl_minutes: float | None = 14.0
+    """Time budget of each RL run (train.py --max-minutes: it stops, with a checkpoint, after the iteration that
+    crosses it); the RL runs of a phase share the GPUs, so it bounds the phase. None: the iteration counts decide."""
+    ppo_iterations: int = 200
+    """PPO iterations at most."""
     ppo_num_steps: int = 10
     """PPO decisions per env per rollout (10 x 16 steps = one 160-step lift episode; 28 for stack-cube)."""
     ppo_learning_rates: list[float] = field(default_factory=lambda: [3e-7])
-    """One PPO run per learning rate (policy; the value head keeps train.py's default)."""
-    grpo_iterations: int = 20
-    """GRPO iterations (each plays every env's episode to its end)."""
+    """One PPO run per (initial) learning rate of the policy; the value head keeps train.py's default."""
+    grpo_iterations: int = 200
+    """GRPO iterations at most (each plays every env's episode to its end)."""
     grpo_group_size: int = 8
     """GRPO group size."""
-    grpo_learning_rate: float = 3e-7
+    grpo_learning_rate: float = 1e-6
     """GRPO learning rate."""
     ppo_num_minibatches: int = 8
     """PPO minibatches per epoch (bounds the memory of the update)."""
     grpo_num_minibatches: int = 16
     """GRPO minibatches per epoch (a GRPO rollout holds whole episodes: up to 28 decisions per env)."""
-    ppo_flags: str = ""
-    """More `train.py ppo` flags for every PPO run, as one shell-quoted string: --ppo-flags="--gamma 0.95"."""
+    ppo_flags: str = ("--lr-schedule adaptive --adaptive-lr-bounds 1e-8 1e-5 --value-warmup-iterations 2 "
+                      "--no-bootstrap-time-limits")
+    """More `train.py ppo` flags for every PPO run, as one shell-quoted string (replacing these defaults):
+    KL-controlled rates in GR00T's range (the summed Flow-SDE log-prob makes its KL large per unit of rate), a
+    critic warm-up from the fresh value head, and the time limit as part of the task (success within it)."""
     grpo_flags: str = ""
     """More `train.py grpo` flags, likewise."""
     rl_save_every: int = 5
@@ -163,18 +169,19 @@ def rl_runs(args: Args) -> dict[str, list[str]]:
     """Run name -> `train.py` arguments of every RL run."""
     shared = ["--policy", str(args.out / "sft" / "gr00t"), *env_flags(args, args.rl_num_envs), "--seed",
               str(args.seed)]
+    budget = ["--max-minutes", str(args.rl_minutes)] if args.rl_minutes is not None else []
     runs = {}
     for lr in args.ppo_learning_rates:
         name = f"ppo_lr{lr:g}"
         runs[name] = ["ppo", *shared, "--num-steps", str(args.ppo_num_steps), "--learning-rate", str(lr),
                       "--num-iterations", str(args.ppo_iterations), "--save-every", str(args.rl_save_every),
                       "--num-minibatches", str(args.ppo_num_minibatches), "--run-dir", str(args.out / name),
-                      *shlex.split(args.ppo_flags)]
+                      *budget, *shlex.split(args.ppo_flags)]
     name = f"grpo_lr{args.grpo_learning_rate:g}"
     runs[name] = ["grpo", *shared, "--group-size", str(args.grpo_group_size),
                   "--learning-rate", str(args.grpo_learning_rate), "--num-iterations", str(args.grpo_iterations),
                   "--save-every", str(args.rl_save_every), "--num-minibatches", str(args.grpo_num_minibatches),
-                  "--run-dir", str(args.out / name), *shlex.split(args.grpo_flags)]
+                  "--run-dir", str(args.out / name), *budget, *shlex.split(args.grpo_flags)]
     return runs
 
 

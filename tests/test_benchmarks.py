@@ -66,6 +66,12 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     assert all(c.policy == str(tmp_path / "sft" / "gr00t") and c.env.max_episode_steps == 100 for c in rl.values())
     assert rl["ppo_lr1e-05"].gamma == 0.95 and rl["ppo_lr1e-05"].run_dir == str(tmp_path / "ppo_lr1e-05")
     assert rl["ppo_lr1e-05"].num_minibatches == 4 and rl["grpo_lr1e-05"].num_minibatches == 8
+    assert {c.max_minutes for c in rl.values()} == {args.rl_minutes}
+    # the default PPO flags: KL-controlled rates in GR00T's range, critic warm-up, success within the time limit
+    (default_ppo,) = [train_script.parse(j.cmd[2:]) for j in stack_cube_sft_rl.phase_jobs(
+        "rl", stack_cube_sft_rl.Args(out=tmp_path / "defaults")) if j.name.startswith("ppo")]
+    assert default_ppo.lr_schedule == "adaptive" and default_ppo.adaptive_lr_bounds == (1e-8, 1e-5)
+    assert default_ppo.value_warmup_iterations == 2 and not default_ppo.bootstrap_time_limits
     (tmp_path / "ppo_lr3e-05").mkdir()  # an earlier run there: RL refuses to mix into it
     with pytest.raises(SystemExit, match="ppo_lr3e-05 already exist"):
         stack_cube_sft_rl.phase_jobs("rl", args)
