@@ -341,7 +341,34 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_gra
     all_reduce_grads(optimizer_params(optimizer))
     norms = [torch.nn.utils.clip_grad_norm_(g["params"], max_grad_norm) for g in optimizer.param_groups]
     optimizer.step()
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.linalg.vector_norm(torch.stack([n.to(loss.device) for n in norms]))  # a group without grads: CPU 0
+
+
+@torch.no_grad()
+def recompute_logprob(policy, params, rows: dict[str, torch.Tensor], num_minibatches: int,
+                      run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's log-probs [R] recomputed by `evaluate` under the rollout's params, in minibatches of the
+    update's sizes; and the mean |recomputed - sampled| (a scalar, for the logs).
+
+    `sample` and `evaluate` reach the same numbers by different kernels (a CUDA graph, other batch shapes, bf16
+    rounding); summed over a chunk's action dims their gap can read as a KL of 0.01 before any step is taken.
+    Ratios against the recomputed log-probs start at exactly 1."""
+    num_rows = rows["logprob"].shape[0]
+    parts = []
+    for idx in torch.tensor_split(torch.arange(num_rows, device=rows["logprob"].device), num_minibatches):
+        with run.autocast():
+            logprob, _, _ = policy.evaluate(params, {k: v[idx] for k, v in rows.items()})
+        parts.append(logprob.float())
+    recomputed = torch.cat(parts)
+    gap = (recomputed - rows["logprob"].float()).abs().mean() if num_rows else torch.zeros((), device=run.device)
+    return recomputed, gap
+
+
+def logprob_gap_metric(gap: torch.Tensor | None, run: Run) -> dict[str, float]:
+    """`recompute_logprob`'s gap averaged over ranks, as rollout/logprob_gap; nothing when not recomputed."""
+    if gap is None:
+        return {}
+    return {"rollout/logprob_gap": (all_reduce_sum(gap.double()) / run.world_size).item()}
 
 
 def minibatch_indices(num_rows: int, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -393,12 +420,14 @@ def collect_rollout(env, policy, params, obs: dict[str, torch.Tensor], num_decis
     returned, each [D, N, ...], plus the chunk-level `reward` (sum of the chunk's step rewards up to the
     sub-env's end), `terminated` and `truncated` (the sub-env ended during the chunk, by failure/success or by
     time limit) and `success` (the task succeeded during the chunk, before any end). A sub-env that ends
-    mid-chunk is reset by the env and plays the rest of the chunk in its next episode; those steps' rewards are
-    left out. `success_seen` [N] (carried across rollouts, updated in place) tracks whether the current episode
-    has succeeded yet. With `stop_when_all_done` (GRPO) the rollout ends as soon as every sub-env has ended an
-    episode.
+    mid-chunk is reset by the env and spends the rest of the chunk in its next episode: holding still with the
+    env's `idle_action` if it has one (the chunk's remaining actions were planned for the old episode), else
+    playing them; those steps' rewards are left out. `success_seen` [N] (carried across rollouts, updated in
+    place) tracks whether the current episode has succeeded yet. With `stop_when_all_done` (GRPO) the rollout
+    ends as soon as every sub-env has ended an episode.
     """
     n = env.num_envs
+    idle = getattr(env, "idle_action", None)
     steps: list[dict[str, torch.Tensor]] = []
     episodes = Episodes(run.device)
     ended_once = torch.zeros(n, dtype=torch.bool, device=run.device)
@@ -412,7 +441,10 @@ def collect_rollout(env, policy, params, obs: dict[str, torch.Tensor], num_decis
         truncated = torch.zeros(n, dtype=torch.bool, device=run.device)
         success = torch.zeros(n, dtype=torch.bool, device=run.device)
         for k in range(actions.shape[1]):
-            obs, r, term, trunc, info = env.step(actions[:, k].contiguous())
+            action = actions[:, k]
+            if idle is not None:
+                action = torch.where((terminated | truncated).unsqueeze(-1), idle, action)
+            obs, r, term, trunc, info = env.step(action.contiguous())
             env_steps += n
             in_chunk_episode = ~(terminated | truncated)
             reward += r.float() * in_chunk_episode

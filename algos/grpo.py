@@ -37,6 +37,10 @@ class GRPOConfig(common.RunConfig):
     """Passes over the rollout per iteration."""
     num_minibatches: int = 1
     """Minibatches per epoch (per rank; reshuffled every epoch)."""
+    recompute_logprob: bool = True
+    """Before the update, recompute the rollout's log-probs with `evaluate` under the same params (one forward
+    pass more), so that the ratios start at exactly 1 instead of at the gap between sampling and evaluation
+    kernels (logged as rollout/logprob_gap)."""
     clip_coef: float = 0.2
     """Policy ratio clip range epsilon."""
     dual_clip: float | None = None
@@ -169,6 +173,9 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         mask = in_episode & keep
         rows = {k: v[mask] for k, v in batch.items()}
         rows["advantages"] = advantages.expand_as(mask)[mask]
+        logprob_gap = None
+        if cfg.recompute_logprob:
+            rows["logprob"], logprob_gap = common.recompute_logprob(policy, params, rows, cfg.num_minibatches, run)
 
         # 3. Update.
         t_update = common.timestamp(run)
@@ -188,6 +195,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
                     "rollout/groups_kept": sums[2].item() / n,
                     "rollout/advantages_mean": sums[3].item() / max(sums[2].item(), 1),
                     "rollout/decisions": sums[4].item(), **episodes.metrics(),
+                    **common.logprob_gap_metric(logprob_gap, run),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,
                     **common.perf_metrics(run, t_rollout, t_update, t_done)}

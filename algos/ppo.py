@@ -42,6 +42,10 @@ class PPOConfig(common.RunConfig):
     """Minibatches per epoch (per rank; the rows are reshuffled every epoch)."""
     norm_adv: bool = True
     """Normalise advantages to zero mean, unit std over the whole batch of all ranks."""
+    recompute_logprob: bool = True
+    """Before the update, recompute the rollout's log-probs with `evaluate` under the same params (one forward
+    pass more), so that the ratios start at exactly 1 instead of at the gap between sampling and evaluation
+    kernels (logged as rollout/logprob_gap)."""
     clip_coef: float = 0.2
     """Policy ratio clip range epsilon."""
     dual_clip: float | None = None
@@ -283,6 +287,9 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
         rows["returns"] = returns.flatten()
         rows["advantages"] = normalize(advantages.flatten(), common.all_reduce_sum) if cfg.norm_adv \
             else advantages.flatten()
+        logprob_gap = None
+        if cfg.recompute_logprob:
+            rows["logprob"], logprob_gap = common.recompute_logprob(policy, params, rows, cfg.num_minibatches, run)
 
         # 3. Update, then fold this rollout into the observation normaliser (used from the next rollout on).
         t_update = common.timestamp(run)
@@ -299,6 +306,7 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
         n = returns.numel() * run.world_size
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/advantages_mean": sums[1].item() / n,
                     "rollout/rewards_mean": sums[2].item() / n, **episodes.metrics(),
+                    **common.logprob_gap_metric(logprob_gap, run),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,
                     **common.perf_metrics(run, t_rollout, t_update, t_done)}

@@ -105,6 +105,10 @@ class IsaacLabEnv:
         self.max_episode_steps = int(self._env.max_episode_length)
         self.action_dim = int(self._env.action_manager.total_action_dim)
         self.instruction = self.spec.instruction
+        idle = self.spec.idle_action
+        if idle is not None and len(idle) != self.action_dim:
+            raise ValueError(f"{self.task}: the task's idle action has {len(idle)} dims, its actions {self.action_dim}")
+        self.idle_action = None if idle is None else torch.tensor(idle, dtype=torch.float32, device=self.device)
         self.num_views = len(self.spec.camera_names)
 
         n, dev = self.num_envs, self.device

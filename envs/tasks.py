@@ -65,6 +65,9 @@ class GenericSpec:
     camera_names: tuple[str, ...] = ()
     instruction = ""
     keyed_resets = False
+    idle_action: tuple[float, ...] | None = None
+    """An action that holds the robot still, or None. A chunked policy's actions left over when an episode ends
+    mid-chunk are replaced by it, so the next episode does not start with the last one's moves."""
 
     def patch(self, env_cfg, cfg: EnvConfig) -> None:
         policy = getattr(env_cfg.observations, "policy", None)
@@ -210,6 +213,7 @@ class StackCubeSpec(GenericSpec):
     camera_names = ("table_cam", "wrist_cam")
     instruction = STACK_INSTRUCTION
     keyed_resets = True
+    idle_action = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # no IK-relative motion, gripper open (as reset leaves it)
     episode_steps = DEFAULT_STACK_STEPS
 
     def patch(self, env_cfg, cfg: EnvConfig) -> None:

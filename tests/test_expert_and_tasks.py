@@ -67,6 +67,20 @@ def test_lift_task_succeeds_when_the_expert_lifts_the_red_block(tmp_path):
     assert episode.state[-1, 2] - episode.state[:, 2].min() > LIFT_HEIGHT / 2
 
 
+def test_the_idle_action_holds_the_robot_still_after_a_reset():
+    env = make_env(EnvConfig(task=LIFT_CUBE, num_envs=2, device="cpu", image_size=16))
+    try:
+        start = env.reset(seed=3)["state"]
+        assert env.idle_action.tolist() == [0.0] * 6 + [1.0]
+        for _ in range(8):
+            obs, *_ = env.step(env.idle_action.expand(2, -1).contiguous())
+        moved = (obs["state"] - start).abs()
+        assert moved[:, :3].max() < 2e-3  # the tool centre point stays within 2 mm
+        assert moved[:, 6:].max() < 2e-3  # and the fingers stay open
+    finally:
+        env.close()
+
+
 def test_a_state_task_through_the_same_adapter():
     env = make_env(EnvConfig(task="Isaac-Cartpole", num_envs=3, device="cpu"))
     try:

@@ -94,6 +94,18 @@ def test_chunked_rollout_and_gae_hand_computed():
     assert adv.tolist() == [[3.25, 2.0], [3.0, 23.5]]
 
 
+def test_chunk_leftovers_after_an_episode_end_are_the_idle_action():
+    env, run = ScriptedEnv(), types.SimpleNamespace(device=torch.device("cpu"), generator=None,
+                                                   autocast=common.contextlib.nullcontext)
+    env.idle_action = torch.tensor([-7.0])
+    batch, *_ = common.collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)}, 2, run,
+                                       torch.zeros(2, dtype=torch.bool))
+    # env 1 ends at step 1 (terminated) and step 4 (truncated): the rest of each chunk holds still
+    assert [a.tolist() for a in env.actions] == [[[0.0], [1.0]], [[10.0], [11.0]], [[20.0], [-7.0]],
+                                                 [[100.0], [101.0]], [[110.0], [111.0]], [[120.0], [-7.0]]]
+    assert batch["reward"].tolist() == [[3.0, 3.0], [3.0, 24.0]]  # the bookkeeping is unchanged
+
+
 def test_clipped_policy_loss_hand_computed():
     ratio = torch.tensor([1.5, 0.5, 1.0, 1.1])
     old = torch.tensor([-1.0, -2.0, -0.5, -3.0])
@@ -152,3 +164,18 @@ def test_normalize_and_adaptive_lr():
     assert adaptive_lr(1e-3, kl=0.01, desired_kl=0.01) == 1e-3
     assert adaptive_lr(1e-5, kl=1.0, desired_kl=0.01) == 1e-5  # floor
     assert adaptive_lr(1e-2, kl=0.0001, desired_kl=0.01) == 1e-2  # ceiling
+
+
+def test_recompute_logprob_uses_the_update_minibatch_sizes():
+    class HalfPolicy:  # evaluate gives 2x; sampling had reported 2x + 0.5
+        sizes = []
+
+        def evaluate(self, params, mb):
+            self.sizes.append(mb["x"].shape[0])
+            return 2 * mb["x"], None, None
+
+    x = torch.arange(10.0)
+    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=common.contextlib.nullcontext)
+    logprob, gap = common.recompute_logprob(HalfPolicy(), {}, {"x": x, "logprob": 2 * x + 0.5}, 3, run)
+    assert logprob.tolist() == (2 * x).tolist() and gap.item() == 0.5
+    assert HalfPolicy.sizes == [len(i) for i in common.minibatch_indices(10, 3, torch.Generator())] == [4, 3, 3]

@@ -217,3 +217,13 @@ def test_max_minutes_stops_early_with_a_checkpoint(tmp_path, monkeypatch, capsys
     assert len(out["history"]) == 1  # the budget ran out during the first iteration
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter_000001"]
     assert "--max-minutes 1e-09 reached; stopping" in capsys.readouterr().out
+
+
+def test_sampled_and_recomputed_logprobs_agree_in_fp32(tmp_path, monkeypatch):
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    out = train_script.main(["ppo", *SMALL, "--env.num-envs", "4", "--num-steps", "8", "--num-iterations", "2",
+                             "--run-dir", str(tmp_path)])
+    assert all(0 <= h["rollout/logprob_gap"] < 1e-5 for h in out["history"])
+    off = train_script.main(["ppo", *SMALL, "--env.num-envs", "4", "--num-steps", "8", "--num-iterations", "1",
+                             "--no-recompute-logprob", "--run-dir", str(tmp_path / "off")])
+    assert "rollout/logprob_gap" not in off["history"][0]
