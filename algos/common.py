@@ -350,9 +350,9 @@ def recompute_logprob(policy, params, rows: dict[str, torch.Tensor], num_minibat
     """The rollout's log-probs [R] recomputed by `evaluate` under the rollout's params, in minibatches of the
     update's sizes; and the mean |recomputed - sampled| (a scalar, for the logs).
 
-    `sample` and `evaluate` reach the same numbers by different kernels (a CUDA graph, other batch shapes, bf16
-    rounding); summed over a chunk's action dims their gap can read as a KL of 0.01 before any step is taken.
-    Ratios against the recomputed log-probs start at exactly 1."""
+    `sample` and `evaluate` may reach their numbers by different kernels (a CUDA graph, other batch shapes, in
+    bf16), and a gap summed over a chunk's action dims would read as policy change. Ratios against the
+    recomputed log-probs start at exactly 1. (Lift, gr00t-small, bf16, no CUDA graphs, H100: the gap was 0.)"""
     num_rows = rows["logprob"].shape[0]
     parts = []
     for idx in torch.tensor_split(torch.arange(num_rows, device=rows["logprob"].device), num_minibatches):

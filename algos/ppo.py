@@ -42,10 +42,10 @@ class PPOConfig(common.RunConfig):
     """Minibatches per epoch (per rank; the rows are reshuffled every epoch)."""
     norm_adv: bool = True
     """Normalise advantages to zero mean, unit std over the whole batch of all ranks."""
-    recompute_logprob: bool = True
+    recompute_logprob: bool = False
     """Before the update, recompute the rollout's log-probs with `evaluate` under the same params (one forward
-    pass more), so that the ratios start at exactly 1 instead of at the gap between sampling and evaluation
-    kernels (logged as rollout/logprob_gap)."""
+    pass more) and log their gap to the sampled ones as rollout/logprob_gap; the ratios then start at exactly 1
+    even where sampling runs other kernels than the update (a CUDA graph, other batch shapes)."""
     clip_coef: float = 0.2
     """Policy ratio clip range epsilon."""
     dual_clip: float | None = None

@@ -219,11 +219,13 @@ def test_max_minutes_stops_early_with_a_checkpoint(tmp_path, monkeypatch, capsys
     assert "--max-minutes 1e-09 reached; stopping" in capsys.readouterr().out
 
 
-def test_sampled_and_recomputed_logprobs_agree_in_fp32(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo, flags", [("ppo", ["--num-steps", "8"]),
+                                         ("grpo", ["--group-size", "2", "--env.max-episode-steps", "8"])])
+def test_sampled_and_recomputed_logprobs_agree_in_fp32(tmp_path, monkeypatch, algo, flags):
     monkeypatch.setattr("envs.make_env", ToyEnv)
-    out = train_script.main(["ppo", *SMALL, "--env.num-envs", "4", "--num-steps", "8", "--num-iterations", "2",
-                             "--run-dir", str(tmp_path)])
+    out = train_script.main([algo, *SMALL, *flags, "--env.num-envs", "4", "--num-iterations", "2",
+                             "--recompute-logprob", "--run-dir", str(tmp_path)])
     assert all(0 <= h["rollout/logprob_gap"] < 1e-5 for h in out["history"])
-    off = train_script.main(["ppo", *SMALL, "--env.num-envs", "4", "--num-steps", "8", "--num-iterations", "1",
-                             "--no-recompute-logprob", "--run-dir", str(tmp_path / "off")])
+    off = train_script.main([algo, *SMALL, *flags, "--env.num-envs", "4", "--num-iterations", "1",
+                             "--run-dir", str(tmp_path / "off")])
     assert "rollout/logprob_gap" not in off["history"][0]
