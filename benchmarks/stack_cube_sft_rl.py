@@ -1,6 +1,6 @@
 """Demonstrations -> flow-matching SFT -> PPO and GRPO on the stack-cube scene, one eval protocol for every number.
 
-    python benchmarks/stack_cube_sft_rl.py --out runs/sft_rl_lift     # the README's run: lift, RL jobs share GPU 0
+    python benchmarks/stack_cube_sft_rl.py --out runs/sft_rl_lift --rl-minutes 12.3   # the README's run (one GPU)
     python benchmarks/stack_cube_sft_rl.py --task IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor --ppo-num-steps 28
     python benchmarks/stack_cube_sft_rl.py --gpus 0 1 2 --ppo-learning-rates 1e-7 3e-7   # one RL job per GPU
 
