@@ -46,6 +46,9 @@ class Args:
     """torch.compile the sample / evaluate functions."""
     cuda_graphs: bool = False
     """Replay `sample` as a CUDA graph (captured per batch size)."""
+    inference_params: bool = False
+    """Time `sample` with `policy.inference_params` (every weight in bf16: acting only, no per-call cast of the
+    fp32 trainable weights); `evaluate` + backward always uses the training params."""
     tokenizer: str = "builtin"
     """'builtin' (offline; special tokens at their official ids) or a dir with the real GR00T tokenizer files."""
     camera_size: int = 256
@@ -155,7 +158,7 @@ def main(args: Args) -> dict:
     trainable = sum(p.numel() for n, p in params.items() if policy.is_trainable(n))
     rows, results = [], {"setup": {
         "device": device_name, "preset": args.preset, "torch": torch.__version__, "compile": args.compile,
-        "cuda_graphs": args.cuda_graphs, "compute_dtype": str(policy.compute_dtype), "prompt_tokens": prompt_len,
+        "cuda_graphs": args.cuda_graphs, "inference_params": args.inference_params, "compute_dtype": str(policy.compute_dtype), "prompt_tokens": prompt_len,
         "tokenizer": args.tokenizer, "params": num_params, "trainable_params": trainable, "init_s": init_s,
         "iters": args.iters, "warmup": args.warmup, "peak_flops": peak, "flops_per_sample": flops},
         "sample": {}, "evaluate_backward": None}
@@ -163,11 +166,12 @@ def main(args: Args) -> dict:
     def mfu(flop_per_s: float) -> float | None:
         return flop_per_s / peak if peak else None
 
+    act_params = policy.inference_params(params) if args.inference_params else params
     for batch in sorted({1, *args.batch_sizes}):
         reset_memory(args)
         obs = observations(batch, args.camera_size, args.device)
         try:
-            seconds = timed(lambda obs=obs: policy.sample(params, obs, INSTRUCTION, generator), args)
+            seconds = timed(lambda obs=obs: policy.sample(act_params, obs, INSTRUCTION, generator), args)
         except torch.cuda.OutOfMemoryError:
             results["sample"][batch] = {"error": "out of memory"}
             rows.append((f"`sample` batch {batch}", "OOM", "", "", ""))
@@ -223,7 +227,8 @@ def _fmt(x, spec: str) -> str:
 
 def render(results: dict, rows: list[tuple]) -> str:
     s = results["setup"]
-    flags = ", ".join(f for f, on in (("torch.compile", s["compile"]), ("CUDA graphs", s["cuda_graphs"])) if on)
+    flags = ", ".join(f for f, on in (("torch.compile", s["compile"]), ("CUDA graphs", s["cuda_graphs"]),
+                                      ("inference params for `sample`", s.get("inference_params"))) if on)
     header = (f"GR00T N1.5 policy throughput — {s['preset']} on **{s['device']}**, {s['compute_dtype']}"
               f"{', ' + flags if flags else ''}; torch {s['torch']}; prompt {s['prompt_tokens']} tokens, "
               f"{_count(s['params'])} params ({_count(s['trainable_params'])} trainable); median of {s['iters']} "

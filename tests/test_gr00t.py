@@ -364,6 +364,20 @@ def test_same_seed_same_actions(policy, params, obs, out):
     assert not torch.equal(other["chain"], out["chain"])
 
 
+def test_inference_params_act_like_the_params_in_the_compute_dtype(obs):
+    policy = Gr00tPolicy(Gr00tConfig.preset("gr00t-tiny"), metadata=make_metadata(), compute_dtype=torch.bfloat16)
+    params = policy.init(seed=0)
+    act = policy.inference_params(params)
+    assert act.keys() == params.keys() and {t.dtype for t in act.values()} == {torch.bfloat16}
+    assert not any(t.requires_grad for t in act.values())
+    assert params["action_head.model.proj_out_2.weight"].dtype == torch.float32  # the original is untouched
+    ref = policy.sample(params, obs, INSTRUCTION, gen(5), deterministic=True)["actions"]
+    got = policy.sample(act, obs, INSTRUCTION, gen(5), deterministic=True)["actions"]
+    # the same model up to bf16 rounding of the weights that autocast used to round on every call
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.05)
+    assert not torch.equal(got, ref)
+
+
 def test_deterministic_mode_is_the_official_euler_ode(policy, params, obs):
     out = policy.sample(params, obs, INSTRUCTION, gen(5), deterministic=True)
     again = policy.sample(params, obs, INSTRUCTION, gen(5), deterministic=True)
