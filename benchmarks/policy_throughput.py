@@ -158,7 +158,8 @@ def main(args: Args) -> dict:
     trainable = sum(p.numel() for n, p in params.items() if policy.is_trainable(n))
     rows, results = [], {"setup": {
         "device": device_name, "preset": args.preset, "torch": torch.__version__, "compile": args.compile,
-        "cuda_graphs": args.cuda_graphs, "inference_params": args.inference_params, "compute_dtype": str(policy.compute_dtype), "prompt_tokens": prompt_len,
+        "cuda_graphs": args.cuda_graphs, "inference_params": args.inference_params,
+        "compute_dtype": str(policy.compute_dtype), "prompt_tokens": prompt_len,
         "tokenizer": args.tokenizer, "params": num_params, "trainable_params": trainable, "init_s": init_s,
         "iters": args.iters, "warmup": args.warmup, "peak_flops": peak, "flops_per_sample": flops},
         "sample": {}, "evaluate_backward": None}
