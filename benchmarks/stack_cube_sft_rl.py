@@ -76,7 +76,10 @@ class Args:
     """Also train the vision tower during SFT."""
     # rl
     rl_num_envs: int = 256
-    """Envs of each RL run."""
+    """Envs of each RL run (in total over its GPUs)."""
+    rl_gpus_per_run: int = 1
+    """GPUs of each RL run, data-parallel through torchrun: the RL phase's job slots are consecutive groups of
+    this many --gpus entries (`--gpus 0 1 2 3 --rl-gpus-per-run 2`: PPO on GPUs 0-1, GRPO on 2-3)."""
     rl_minutes: float | None = 14.0
     """Time budget of each RL run (train.py --max-minutes: it stops, with a checkpoint, after the iteration that
     crosses it); the RL runs of a phase share the GPUs, so it bounds the phase. None: the iteration counts decide."""
@@ -120,11 +123,22 @@ class Job:
     cmd: list[str]
 
 
-def run_jobs(jobs: list[Job], args: Args) -> None:
-    """Run `jobs`, one per slot of --gpus at a time; stop at the first failure, naming its log."""
+def gpu_slots(args: Args, gpus_per_job: int = 1) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each job slot: --gpus in consecutive groups of `gpus_per_job` (None on CPU)."""
+    if args.device != "cuda":
+        return [None]
+    if gpus_per_job < 1 or len(args.gpus) % gpus_per_job:
+        raise SystemExit(f"error: --gpus {' '.join(map(str, args.gpus))} does not split into groups of "
+                         f"{gpus_per_job} GPUs (--rl-gpus-per-run)")
+    groups = [args.gpus[i:i + gpus_per_job] for i in range(0, len(args.gpus), gpus_per_job)]
+    return [",".join(map(str, group)) for group in groups]
+
+
+def run_jobs(jobs: list[Job], args: Args, gpus_per_job: int = 1) -> None:
+    """Run `jobs`, one per slot of `gpu_slots` at a time; stop at the first failure, naming its log."""
+    gpus = gpu_slots(args, gpus_per_job)
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    gpus = args.gpus if args.device == "cuda" else [None]
     pending, running = list(jobs), {}  # slot -> (job, process, started, log)
     while pending or running:
         for slot, gpu in enumerate(gpus):
@@ -155,6 +169,13 @@ def run_jobs(jobs: list[Job], args: Args) -> None:
 
 def python(*argv: str) -> list[str]:
     return [sys.executable, *argv]
+
+
+def launcher(num_gpus: int, *argv: str) -> list[str]:
+    """`python argv` on one GPU; torchrun with one process per GPU (DDP) on more."""
+    if num_gpus == 1:
+        return python(*argv)
+    return python("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_gpus}", *argv)
 
 
 def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
@@ -212,7 +233,8 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   *env_flags(args, args.eval_num_envs)))]
     if phase == "rl":
         refuse_existing([args.out / name for name in rl_runs(args)])
-        return [Job(name, python("train.py", *argv)) for name, argv in rl_runs(args).items()]
+        per_run = args.rl_gpus_per_run if args.device == "cuda" else 1
+        return [Job(name, launcher(per_run, "train.py", *argv)) for name, argv in rl_runs(args).items()]
     if phase == "eval":
         todo = {}
         for name, run in models(args).items():
@@ -323,7 +345,7 @@ def main(args: Args) -> None:
         if phase == "report":
             report(args)
         else:
-            run_jobs(phase_jobs(phase, args), args)
+            run_jobs(phase_jobs(phase, args), args, args.rl_gpus_per_run if phase == "rl" else 1)
         print(f"[{time.strftime('%H:%M:%S')}] phase {phase} took {time.time() - started:.0f} s", flush=True)
 
 

@@ -109,3 +109,16 @@ def test_stack_cube_pipeline_runs_jobs_side_by_side_on_shared_gpus(tmp_path):
             for i in range(2)]
     stack_cube_sft_rl.run_jobs(jobs, args)
     assert [(tmp_path / "logs" / f"j{i}.log").read_text() for i in range(2)] == ["0\n", "0\n"]
+
+
+def test_stack_cube_pipeline_runs_each_rl_job_data_parallel_on_a_gpu_group(tmp_path):
+    args = stack_cube_sft_rl.Args(out=tmp_path, gpus=[0, 1, 2, 3], rl_gpus_per_run=2, rl_num_envs=512)
+    assert stack_cube_sft_rl.gpu_slots(args, 2) == ["0,1", "2,3"] and stack_cube_sft_rl.gpu_slots(args) == list("0123")
+    jobs = stack_cube_sft_rl.phase_jobs("rl", args)
+    assert [j.name for j in jobs] == ["ppo_lr3e-07", "grpo_lr1e-06"]
+    for job in jobs:
+        assert job.cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        cfg = train_script.parse(job.cmd[6:])  # after train.py: the same flags as on one GPU
+        assert cfg.env.num_envs == 512 and cfg.run_dir == str(tmp_path / job.name)
+    with pytest.raises(SystemExit, match="does not split into groups of 3 GPUs"):
+        stack_cube_sft_rl.gpu_slots(args, 3)
