@@ -67,10 +67,10 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     assert rl["ppo_lr1e-05"].gamma == 0.95 and rl["ppo_lr1e-05"].run_dir == str(tmp_path / "ppo_lr1e-05")
     assert rl["ppo_lr1e-05"].num_minibatches == 4 and rl["grpo_lr1e-05"].num_minibatches == 8
     assert {c.max_minutes for c in rl.values()} == {args.rl_minutes}
-    # the default PPO flags: KL-controlled rates in GR00T's range, critic warm-up, success within the time limit
+    # the default PPO run: GRPO's constant rate, critic warm-up, success within the time limit
     (default_ppo,) = [train_script.parse(j.cmd[2:]) for j in stack_cube_sft_rl.phase_jobs(
         "rl", stack_cube_sft_rl.Args(out=tmp_path / "defaults")) if j.name.startswith("ppo")]
-    assert default_ppo.lr_schedule == "adaptive" and default_ppo.adaptive_lr_bounds == (1e-8, 1e-5)
+    assert default_ppo.lr_schedule == "constant" and default_ppo.learning_rate == 1e-6
     assert default_ppo.value_warmup_iterations == 2 and not default_ppo.bootstrap_time_limits
     (tmp_path / "ppo_lr3e-05").mkdir()  # an earlier run there: RL refuses to mix into it
     with pytest.raises(SystemExit, match="ppo_lr3e-05 already exist"):
@@ -115,7 +115,7 @@ def test_stack_cube_pipeline_runs_each_rl_job_data_parallel_on_a_gpu_group(tmp_p
     args = stack_cube_sft_rl.Args(out=tmp_path, gpus=[0, 1, 2, 3], rl_gpus_per_run=2, rl_num_envs=512)
     assert stack_cube_sft_rl.gpu_slots(args, 2) == ["0,1", "2,3"] and stack_cube_sft_rl.gpu_slots(args) == list("0123")
     jobs = stack_cube_sft_rl.phase_jobs("rl", args)
-    assert [j.name for j in jobs] == ["ppo_lr3e-07", "grpo_lr1e-06"]
+    assert [j.name for j in jobs] == ["ppo_lr1e-06", "grpo_lr1e-06"]
     for job in jobs:
         assert job.cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
         cfg = train_script.parse(job.cmd[6:])  # after train.py: the same flags as on one GPU
