@@ -43,7 +43,8 @@ class Args:
     iters: int = 10
     warmup: int = 3
     compile: bool = False
-    """torch.compile the sample / evaluate functions."""
+    """Regional torch.compile: each repeated transformer block (SigLIP, Qwen3, VL self-attention, DiT) is compiled
+    in place, once per block variant for every batch size; the rest runs eager (policy's `compile_blocks`)."""
     cuda_graphs: bool = False
     """Replay `sample` as a CUDA graph (captured per batch size)."""
     inference_params: bool = False
@@ -228,7 +229,7 @@ def _fmt(x, spec: str) -> str:
 
 def render(results: dict, rows: list[tuple]) -> str:
     s = results["setup"]
-    flags = ", ".join(f for f, on in (("torch.compile", s["compile"]), ("CUDA graphs", s["cuda_graphs"]),
+    flags = ", ".join(f for f, on in (("regional torch.compile", s["compile"]), ("CUDA graphs", s["cuda_graphs"]),
                                       ("inference params for `sample`", s.get("inference_params"))) if on)
     header = (f"GR00T N1.5 policy throughput — {s['preset']} on **{s['device']}**, {s['compute_dtype']}"
               f"{', ' + flags if flags else ''}; torch {s['torch']}; prompt {s['prompt_tokens']} tokens, "

@@ -19,7 +19,7 @@ The architecture of Isaac-GR00T 1259d624 (`gr00t/model`), re-implemented:
 Efficiency: the frozen backbone runs once per observation; its features are returned by `sample` and reused by
 `evaluate` (no second backbone pass in training); the cross-attention K/V of the VL tokens are computed once per
 call and shared by every denoising step; no LLM logits are computed; bf16 autocast on GPU; optional CUDA graphs
-and torch.compile of the whole `sample`.
+and regional torch.compile (each repeated transformer block compiled once per block class, the rest eager).
 """
 
 from __future__ import annotations
@@ -638,6 +638,28 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
     return model
 
 
+def compile_blocks(model: Gr00tModel) -> list[nn.Module]:
+    """Regional compilation: torch.compile each repeated transformer block in place; everything else stays eager.
+
+    Compiling all of `sample` made one graph of every layer, the DiT unrolled over the denoising steps (the 3B model
+    did not finish compiling in 290 s on an H100). Dynamo inlines nn modules and takes their parameters as graph
+    inputs, so blocks of one class share one compiled code and read the params dict that functional_call swaps in.
+    """
+    eagle, head = model.backbone.eagle_model, model.action_head
+    blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
+              *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
+              *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
+    # dynamic=True: batch size (rollout, minibatches) and prompt length vary, so trace sizes symbolically from the
+    # first call rather than compiling each block once per size. What still recompiles is discrete: block variant
+    # (TransformerBlock: VL, DiT self- and cross-attention), grad mode, param dtypes (fp32 training / bf16 inference
+    # params), batch 1 (dynamo specializes sizes 0 and 1). That can pass dynamo's default of 8 graphs per code
+    # object, after which the block silently runs eager: raise the limit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        block.compile(dynamic=True)
+    return blocks
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints in the official layout
 # ---------------------------------------------------------------------------------------------------------------
@@ -868,11 +890,9 @@ class Gr00tPolicy:
             self.set_metadata(metadata)
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device")
-        sample_fn, evaluate_fn = self._sample_core, self._evaluate_core
-        if compile:
-            sample_fn, evaluate_fn = torch.compile(sample_fn), torch.compile(evaluate_fn)
-        self._sample_fn = CudaGraphed(sample_fn) if cuda_graphs else sample_fn
-        self._evaluate_fn = evaluate_fn
+        if compile:  # compiled blocks inside the CUDA graph: inductor's kernels are capturable
+            compile_blocks(self.model)
+        self._sample_fn = CudaGraphed(self._sample_core) if cuda_graphs else self._sample_core
 
     # -- metadata and processor --
     def set_metadata(self, metadata: Gr00tMetadata | dict) -> None:
@@ -1094,8 +1114,8 @@ class Gr00tPolicy:
                  batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Differentiable log-prob [N] and value [N] of `sample`'s output rows under `params`; entropy None (the
         Flow-SDE noise is fixed, so its entropy does not depend on the params)."""
-        logprob, value = self._evaluate_fn(params, batch["backbone_features"], batch["backbone_mask"],
-                                           batch["state_norm"], batch["chain"], batch["sde_steps"])
+        logprob, value = self._evaluate_core(params, batch["backbone_features"], batch["backbone_mask"],
+                                             batch["state_norm"], batch["chain"], batch["sde_steps"])
         return logprob, value, None
 
     @torch.no_grad()
