@@ -52,6 +52,9 @@ class RunConfig:
     (the project's offline one), or None (the preset's own: the hub's Qwen/Qwen3-1.7B for gr00t-n1.5-3b)."""
     cuda_graphs: bool = False
     """Replay GR00T's `sample` from CUDA graphs (GPU only; one graph per batch shape)."""
+    compile: bool = False
+    """torch.compile GR00T's repeated transformer blocks (regional: each block class compiles once, in about a
+    minute for the 3B model on an H100; faster `sample` and `evaluate`)."""
     num_iterations: int = 2
     """Rollout + update iterations in total (a resumed run continues up to this number)."""
     max_minutes: float | None = None
@@ -270,12 +273,14 @@ def make_policy(cfg: RunConfig, env, device: torch.device, bf16: bool = False, b
                               "(use --policy mlp)")
         metadata = (base or {}).get("metadata") or identity_metadata(env)
         policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=env.num_views), device, metadata,
-                             compute_dtype=dtype, tokenizer=cfg.gr00t_tokenizer, cuda_graphs=cfg.cuda_graphs)
+                             compute_dtype=dtype, tokenizer=cfg.gr00t_tokenizer, cuda_graphs=cfg.cuda_graphs,
+                             compile=cfg.compile)
         return policy, policy.init(cfg.seed), {"policy": cfg.policy, "init_seed": cfg.seed, "metadata": metadata}
     if not (Path(cfg.policy).is_dir() or cfg.policy.count("/") == 1):
         raise ConfigError(f"--policy {cfg.policy!r} is neither 'mlp', a GR00T preset ({', '.join(sorted(PRESETS))}), "
                           "a checkpoint directory nor a Hugging Face id")
-    policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype, cuda_graphs=cfg.cuda_graphs)
+    policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype, cuda_graphs=cfg.cuda_graphs,
+                                                 compile=cfg.compile)
     return policy, params, {"policy": "gr00t", "checkpoint": cfg.policy}
 
 

@@ -18,6 +18,7 @@ import statistics
 import time
 import traceback
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -45,6 +46,9 @@ class Args:
     compile: bool = False
     """Regional torch.compile: each repeated transformer block (SigLIP, Qwen3, VL self-attention, DiT) is compiled
     in place, once per block variant for every batch size; the rest runs eager (policy's `compile_blocks`)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile mode of the blocks: `default` or `max-autotune-no-cudagraphs` (GEMM kernels autotuned while
+    compiling; slower to compile)."""
     cuda_graphs: bool = False
     """Replay `sample` as a CUDA graph (captured per batch size)."""
     inference_params: bool = False
@@ -114,11 +118,16 @@ def peak_flops(args: Args) -> tuple[str, float | None]:
     return name, None
 
 
-def timed(fn, args: Args) -> float:
-    """Median seconds of fn() over args.iters runs after args.warmup."""
+def timed(fn, args: Args) -> tuple[float, float]:
+    """(median seconds of fn() over args.iters runs after args.warmup, seconds of the warm-up: compiles and graph
+    captures happen there)."""
     cuda = args.device.startswith("cuda")
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         fn()
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(args.iters):
         if cuda:
@@ -128,7 +137,7 @@ def timed(fn, args: Args) -> float:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), warmup_s
 
 
 def peak_memory_gib(args: Args) -> float | None:
@@ -147,6 +156,7 @@ def main(args: Args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = Gr00tConfig.preset(args.preset, tokenizer=args.tokenizer)
     policy = Gr00tPolicy(cfg, args.device, metadata=synthetic_metadata(args.camera_size), compile=args.compile,
+                         compile_mode=args.compile_mode,
                          cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
     params = policy.init(args.seed)
@@ -159,6 +169,7 @@ def main(args: Args) -> dict:
     trainable = sum(p.numel() for n, p in params.items() if policy.is_trainable(n))
     rows, results = [], {"setup": {
         "device": device_name, "preset": args.preset, "torch": torch.__version__, "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "cuda_graphs": args.cuda_graphs, "inference_params": args.inference_params,
         "compute_dtype": str(policy.compute_dtype), "prompt_tokens": prompt_len,
         "tokenizer": args.tokenizer, "params": num_params, "trainable_params": trainable, "init_s": init_s,
@@ -173,7 +184,7 @@ def main(args: Args) -> dict:
         reset_memory(args)
         obs = observations(batch, args.camera_size, args.device)
         try:
-            seconds = timed(lambda obs=obs: policy.sample(act_params, obs, INSTRUCTION, generator), args)
+            seconds, warmup_s = timed(lambda obs=obs: policy.sample(act_params, obs, INSTRUCTION, generator), args)
         except torch.cuda.OutOfMemoryError:
             results["sample"][batch] = {"error": "out of memory"}
             rows.append((f"`sample` batch {batch}", "OOM", "", "", ""))
@@ -182,7 +193,7 @@ def main(args: Args) -> dict:
             results["sample"][batch] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
             rows.append((f"`sample` batch {batch}", f"error: {type(e).__name__}", "", "", ""))
             continue
-        r = {"seconds": seconds, "latency_ms": 1e3 * seconds, "samples_per_s": batch / seconds,
+        r = {"seconds": seconds, "warmup_s": warmup_s, "latency_ms": 1e3 * seconds, "samples_per_s": batch / seconds,
              "peak_memory_gib": peak_memory_gib(args), "mfu": mfu(batch * flops["sample"] / seconds)}
         results["sample"][batch] = r
         rows.append((f"`sample` batch {batch}", f"{r['latency_ms']:.1f} ms", f"{r['samples_per_s']:.1f}",
@@ -201,8 +212,8 @@ def main(args: Args) -> dict:
                 p.grad = None
 
         reset_memory(args)
-        seconds = timed(step, args)
-        r = {"batch": batch, "seconds": seconds, "samples_per_s": batch / seconds,
+        seconds, warmup_s = timed(step, args)
+        r = {"batch": batch, "seconds": seconds, "warmup_s": warmup_s, "samples_per_s": batch / seconds,
              "peak_memory_gib": peak_memory_gib(args), "mfu": mfu(3 * batch * flops["evaluate_fwd"] / seconds)}
         rows.append((f"`evaluate` + backward batch {batch}", f"{1e3 * seconds:.1f} ms", f"{r['samples_per_s']:.1f}",
                      _fmt(r["peak_memory_gib"], "{:.1f} GiB"), _fmt(r["mfu"], "{:.1%}")))
@@ -229,7 +240,9 @@ def _fmt(x, spec: str) -> str:
 
 def render(results: dict, rows: list[tuple]) -> str:
     s = results["setup"]
-    flags = ", ".join(f for f, on in (("regional torch.compile", s["compile"]), ("CUDA graphs", s["cuda_graphs"]),
+    mode = s.get("compile_mode", "default")
+    compiled = "regional torch.compile" + ("" if mode == "default" else f" ({mode})")
+    flags = ", ".join(f for f, on in ((compiled, s["compile"]), ("CUDA graphs", s["cuda_graphs"]),
                                       ("inference params for `sample`", s.get("inference_params"))) if on)
     header = (f"GR00T N1.5 policy throughput — {s['preset']} on **{s['device']}**, {s['compute_dtype']}"
               f"{', ' + flags if flags else ''}; torch {s['torch']}; prompt {s['prompt_tokens']} tokens, "

@@ -638,13 +638,21 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
     return model
 
 
-def compile_blocks(model: Gr00tModel) -> list[nn.Module]:
+# torch.compile modes for the blocks; the ones that add inductor's own CUDA graphs would nest in `CudaGraphed`'s.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     """Regional compilation: torch.compile each repeated transformer block in place; everything else stays eager.
+    `mode` "max-autotune-no-cudagraphs" also benchmarks GEMM kernels (Triton templates with fused epilogues
+    against cuBLAS) while compiling: slower to compile.
 
     Compiling all of `sample` made one graph of every layer, the DiT unrolled over the denoising steps (the 3B model
     did not finish compiling in 290 s on an H100). Dynamo inlines nn modules and takes their parameters as graph
     inputs, so blocks of one class share one compiled code and read the params dict that functional_call swaps in.
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
     eagle, head = model.backbone.eagle_model, model.action_head
     blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
               *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
@@ -656,7 +664,7 @@ def compile_blocks(model: Gr00tModel) -> list[nn.Module]:
     # object, after which the block silently runs eager: raise the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, mode=mode)
     return blocks
 
 
@@ -876,7 +884,7 @@ class Gr00tPolicy:
     def __init__(self, cfg: Gr00tConfig | str = "gr00t-n1.5-3b", device: str | torch.device = "cpu",
                  metadata: Gr00tMetadata | dict | None = None, *, compute_dtype: torch.dtype | None = None,
                  tokenizer: PromptTokenizer | str | None = None, cuda_graphs: bool = False, compile: bool = False,
-                 max_shard_bytes: int = 5 * 2**30):
+                 compile_mode: str = "default", max_shard_bytes: int = 5 * 2**30):
         self.cfg = Gr00tConfig.preset(cfg) if isinstance(cfg, str) else cfg
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -891,7 +899,7 @@ class Gr00tPolicy:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device")
         if compile:  # compiled blocks inside the CUDA graph: inductor's kernels are capturable
-            compile_blocks(self.model)
+            compile_blocks(self.model, compile_mode)
         self._sample_fn = CudaGraphed(self._sample_core) if cuda_graphs else self._sample_core
 
     # -- metadata and processor --
@@ -1045,7 +1053,8 @@ class Gr00tPolicy:
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in config_json.get("leanvla", {}).items()
                  if k in fields}
         saved["normalization_overrides"] = tuple(tuple(p) for p in saved.get("normalization_overrides", ()))
-        policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer", "cuda_graphs", "compile")
+        policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer", "cuda_graphs", "compile",
+                                                          "compile_mode")
                          if k in overrides}
         cfg = dataclasses.replace(Gr00tConfig(), **{**saved, **overrides})
         policy = cls(cfg, device, **policy_kwargs)

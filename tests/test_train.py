@@ -229,3 +229,24 @@ def test_sampled_and_recomputed_logprobs_agree_in_fp32(tmp_path, monkeypatch, al
     off = train_script.main([algo, *SMALL, *flags, "--env.num-envs", "4", "--num-iterations", "1",
                              "--run-dir", str(tmp_path / "off")])
     assert "rollout/logprob_gap" not in off["history"][0]
+
+
+def test_compile_flag_compiles_the_gr00t_blocks(tmp_path):
+    """--compile reaches GR00T, random init or checkpoint: its repeated blocks are compiled (lazily, at first call)."""
+    from algos import common
+
+    def compiled_blocks(policy) -> int:
+        return sum(m._compiled_call_impl is not None for m in policy.model.modules())
+
+    flags = ["--policy", "gr00t-tiny", "--env.task", "toy", "--env.device", "cpu", "--env.num-envs", "2"]
+    cfg = train_script.parse(["ppo", *flags, "--compile"])
+    env = ToyCameraEnv(cfg.env)
+    policy, params, _ = common.make_policy(cfg, env, torch.device("cpu"))
+    c = policy.cfg
+    assert compiled_blocks(policy) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers
+    policy.save(params, str(tmp_path / "ckpt"))
+    from_checkpoint = train_script.parse(["ppo", *flags, "--compile", "--policy", str(tmp_path / "ckpt")])
+    loaded, _, _ = common.make_policy(from_checkpoint, env, torch.device("cpu"))
+    assert compiled_blocks(loaded) == compiled_blocks(policy)
+    plain, _, _ = common.make_policy(train_script.parse(["ppo", *flags]), env, torch.device("cpu"))
+    assert compiled_blocks(plain) == 0
