@@ -122,3 +122,22 @@ def test_stack_cube_pipeline_runs_each_rl_job_data_parallel_on_a_gpu_group(tmp_p
         assert cfg.env.num_envs == 512 and cfg.run_dir == str(tmp_path / job.name)
     with pytest.raises(SystemExit, match="does not split into groups of 3 GPUs"):
         stack_cube_sft_rl.gpu_slots(args, 3)
+
+
+def test_policy_profile_sorts_kernels_by_kind_and_sums_to_the_total(tmp_path):
+    from benchmarks import policy_profile
+
+    # kernel names from the H100 profiles of the 3B model (eager, then regional compile)
+    assert policy_profile.kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matmul"
+    assert policy_profile.kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert policy_profile.kind("void at::native::vectorized_layer_norm_kernel<float, float, false>") == "other"
+    assert policy_profile.kind("triton_per_fused__scaled_dot_product_cudnn_attention__to_copy_add_cat") == "other"
+    assert policy_profile.kind("triton_mm_1658") == "matmul" and policy_profile.kind("aten::addmm") == "matmul"
+    table = policy_profile.main(policy_profile.Args(preset="gr00t-tiny", device="cpu", batch_size=2, warmup=1,
+                                                    calls=1, top=5, out=tmp_path))
+    assert (tmp_path / "policy_profile.md").read_text() == table
+    total = float(table.split(": ")[1].split(" ms")[0])
+    kinds = {row.split(" | ")[0][2:]: float(row.split(" | ")[1]) for row in table.splitlines()
+             if row.startswith(("| matmul |", "| attention |", "| other |"))}
+    assert set(kinds) == {"matmul", "attention", "other"} and sum(kinds.values()) == pytest.approx(total, abs=0.2)
+    assert len([r for r in table.splitlines() if r.startswith("| `")]) == 5

@@ -1,0 +1,96 @@
+"""Where the time of GR00T's `sample` goes: kernel time per call, by kind (matmul, attention, the rest) and by kernel.
+
+    python -m benchmarks.policy_profile --tokenizer <dir with the GR00T tokenizer files>             # H100, eager
+    python -m benchmarks.policy_profile --tokenizer <same dir> --compile                            # regional compile
+    python -m benchmarks.policy_profile --preset gr00t-tiny --device cpu --batch-size 2 --top 5     # smoke
+
+Same synthetic observations and bf16 inference params as `policy_throughput`; torch.profiler over --calls calls
+after --warmup. Prints the tables and writes them to OUT/policy_profile.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import tyro
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.policy_throughput import INSTRUCTION, observations, synthetic_metadata
+from models.gr00t import Gr00tConfig, Gr00tPolicy
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::mkldnn_convolution"}  # CPU ops
+
+
+@dataclasses.dataclass
+class Args:
+    preset: str = "gr00t-n1.5-3b"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    batch_size: int = 64
+    """Observations per `sample` call."""
+    compile: bool = False
+    """Regional torch.compile of the repeated blocks (as `policy_throughput --compile`)."""
+    tokenizer: str = "builtin"
+    """'builtin' (offline) or a dir with the real GR00T tokenizer files (the real 564-token prompt)."""
+    camera_size: int = 256
+    warmup: int = 3
+    calls: int = 3
+    """Profiled calls; times are per call."""
+    top: int = 25
+    """Kernels listed."""
+    out: Path = Path("runs/policy_profile")
+
+
+def kind(kernel: str) -> str:
+    """matmul, attention or other, from a kernel's (GPU) or op's (CPU) name."""
+    name = kernel.lower()
+    if name.startswith("triton_"):  # inductor's: GEMM templates, else fused elementwise/norms (named after their ops)
+        return "matmul" if name.startswith(("triton_mm", "triton_tem")) else "other"
+    if any(key in name for key in ("flash", "fmha", "sdpa", "attention")):  # cuDNN's flash kernels also say "gemm"
+        return "attention"
+    if name in MATMUL_OPS or any(key in name for key in ("gemm", "nvjet", "cutlass", "xmma", "conv")):
+        return "matmul"
+    return "other"
+
+
+def main(args: Args) -> str:
+    cuda = args.device.startswith("cuda")
+    policy = Gr00tPolicy(Gr00tConfig.preset(args.preset, tokenizer=args.tokenizer), args.device,
+                         metadata=synthetic_metadata(args.camera_size), compile=args.compile)
+    params = policy.inference_params(policy.init(0))
+    obs = observations(args.batch_size, args.camera_size, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    for _ in range(args.warmup):
+        policy.sample(params, obs, INSTRUCTION, generator)
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(args.calls):
+            policy.sample(params, obs, INSTRUCTION, generator)
+        if cuda:
+            torch.cuda.synchronize()
+    # on CPU the ops' self time stands in for kernel time
+    kernel_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if kernel_us(e) > 0]
+    total = sum(kernel_us(e) for e in events)
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kind(e.key)] = by_kind.get(kind(e.key), 0.0) + kernel_us(e)
+    ms = lambda us: us / args.calls / 1e3  # noqa: E731
+    lines = [f"`sample` of {args.preset}, batch {args.batch_size}, {'regional torch.compile' if args.compile else 'eager'}"
+             f", inference params, on {torch.cuda.get_device_name() if cuda else 'CPU'}: "
+             f"{ms(total):.1f} ms of kernel time per call (torch {torch.__version__}).", "",
+             "| kind | ms per call | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {ms(t):.1f} | {t / total:.1%} |" for k, t in sorted(by_kind.items(), key=lambda x: -x[1])]
+    lines += ["", "| kernel | kind | ms per call | calls per call |", "|---|---|---:|---:|"]
+    for e in sorted(events, key=lambda e: -kernel_us(e))[:args.top]:
+        lines.append(f"| `{e.key[:90]}` | {kind(e.key)} | {ms(kernel_us(e)):.2f} | {e.count // args.calls} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "policy_profile.md").write_text(table)
+    return table
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
