@@ -53,8 +53,8 @@ class RunConfig:
     cuda_graphs: bool = False
     """Replay GR00T's `sample` from CUDA graphs (GPU only; one graph per batch shape)."""
     compile: bool = False
-    """torch.compile GR00T's repeated transformer blocks (regional: each block class compiles once, in about a
-    minute for the 3B model on an H100; faster `sample` and `evaluate`)."""
+    """torch.compile GR00T's repeated transformer blocks (regional: each block class compiles once; about 25 s for
+    the 3B model on an H100; faster `sample` and `evaluate`)."""
     num_iterations: int = 2
     """Rollout + update iterations in total (a resumed run continues up to this number)."""
     max_minutes: float | None = None

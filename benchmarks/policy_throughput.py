@@ -45,7 +45,8 @@ class Args:
     warmup: int = 3
     compile: bool = False
     """Regional torch.compile: each repeated transformer block (SigLIP, Qwen3, VL self-attention, DiT) is compiled
-    in place, once per block variant for every batch size; the rest runs eager (policy's `compile_blocks`)."""
+    in place, once per block variant (sizes symbolic: batch sizes above 1 share it); the rest runs eager (the policy's
+    `compile_blocks`)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of the blocks: `default` or `max-autotune-no-cudagraphs` (GEMM kernels autotuned while
     compiling; slower to compile)."""
