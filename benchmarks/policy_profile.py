@@ -77,8 +77,9 @@ def main(args: Args) -> str:
     for e in events:
         by_kind[kind(e.key)] = by_kind.get(kind(e.key), 0.0) + kernel_us(e)
     ms = lambda us: us / args.calls / 1e3  # noqa: E731
-    lines = [f"`sample` of {args.preset}, batch {args.batch_size}, {'regional torch.compile' if args.compile else 'eager'}"
-             f", inference params, on {torch.cuda.get_device_name() if cuda else 'CPU'}: "
+    mode = "regional torch.compile" if args.compile else "eager"
+    lines = [f"`sample` of {args.preset}, batch {args.batch_size}, {mode}, inference params, on "
+             f"{torch.cuda.get_device_name() if cuda else 'CPU'}: "
              f"{ms(total):.1f} ms of kernel time per call (torch {torch.__version__}).", "",
              "| kind | ms per call | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {ms(t):.1f} | {t / total:.1%} |" for k, t in sorted(by_kind.items(), key=lambda x: -x[1])]
