@@ -546,6 +546,11 @@ def test_compile_compiles_the_blocks_and_changes_no_result(policy, params, monke
     assert graphs() == compiled_graphs                               # traced with symbolic sizes: no recompile
 
 
+def test_unknown_compile_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="compile mode 'reduce-overhead' is not one of default, max-autotune"):
+        Gr00tPolicy("gr00t-tiny", metadata=make_metadata(), compile=True, compile_mode="reduce-overhead")
+
+
 # -- GPU (skipped on CPU-only machines; run on the GPU box: pytest tests/test_gr00t.py -k cuda) --------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_matches_eager_and_sees_in_place_updates():
@@ -575,8 +580,3 @@ def test_cuda_graph_replay_matches_eager_and_sees_in_place_updates():
     torch.testing.assert_close(logprob, second["logprob"], atol=1e-3, rtol=1e-4)
     (-logprob.mean() + value.square().mean()).backward()
     assert params["action_head.model.proj_out_2.weight"].grad is not None
-
-
-def test_unknown_compile_mode_is_a_clear_error():
-    with pytest.raises(ValueError, match="compile mode 'reduce-overhead' is not one of default, max-autotune"):
-        Gr00tPolicy("gr00t-tiny", metadata=make_metadata(), compile=True, compile_mode="reduce-overhead")
