@@ -50,6 +50,12 @@ class RunConfig:
     gr00t_tokenizer: str | None = None
     """Tokenizer of a random-init GR00T preset: a local directory with the Qwen/Eagle tokenizer files, `builtin`
     (the project's offline one), or None (the preset's own: the hub's Qwen/Qwen3-1.7B for gr00t-n1.5-3b)."""
+    gr00t_noise_level: float | None = None
+    """Flow-SDE noise level a of GR00T's stochastic denoising steps: the exploration of RL (sigma_t = a sqrt((1-t)/t)).
+    None: the checkpoint's or preset's (0.5)."""
+    gr00t_sde_steps: Literal["one", "all"] | None = None
+    """Which of GR00T's denoising steps are stochastic in RL: `one` random step per `sample` call (RLinf) or `all`.
+    None: the checkpoint's or preset's (`one`)."""
     cuda_graphs: bool = False
     """Replay GR00T's `sample` from CUDA graphs (GPU only; one graph per batch shape)."""
     compile: bool = False
@@ -93,6 +99,10 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ConfigError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
+    if cfg.gr00t_noise_level is not None and not cfg.gr00t_noise_level > 0:
+        raise ConfigError(f"--gr00t-noise-level must be > 0, got {cfg.gr00t_noise_level}")
+    if cfg.policy == "mlp" and (cfg.gr00t_noise_level is not None or cfg.gr00t_sde_steps is not None):
+        raise ConfigError("--gr00t-noise-level / --gr00t-sde-steps set GR00T's Flow-SDE; --policy mlp has none")
     if cfg.env.num_envs < 1:
         raise ConfigError(f"--env.num-envs must be >= 1, got {cfg.env.num_envs}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -267,12 +277,14 @@ def make_policy(cfg: RunConfig, env, device: torch.device, bf16: bool = False, b
     from models.gr00t import PRESETS, Gr00tConfig, Gr00tPolicy
 
     dtype = torch.bfloat16 if bf16 else torch.float32
+    rl_head = {k: v for k, v in (("noise_level", cfg.gr00t_noise_level), ("sde_steps", cfg.gr00t_sde_steps))
+               if v is not None}
     if cfg.policy in PRESETS:  # random init: for CPU runs, tests and from-scratch experiments
         if env.num_views < 1:
             raise ConfigError(f"--policy {cfg.policy} needs a camera task; {env_task(env)} has no cameras "
                               "(use --policy mlp)")
         metadata = (base or {}).get("metadata") or identity_metadata(env)
-        policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=env.num_views), device, metadata,
+        policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=env.num_views, **rl_head), device, metadata,
                              compute_dtype=dtype, tokenizer=cfg.gr00t_tokenizer, cuda_graphs=cfg.cuda_graphs,
                              compile=cfg.compile)
         return policy, policy.init(cfg.seed), {"policy": cfg.policy, "init_seed": cfg.seed, "metadata": metadata}
@@ -280,7 +292,7 @@ def make_policy(cfg: RunConfig, env, device: torch.device, bf16: bool = False, b
         raise ConfigError(f"--policy {cfg.policy!r} is neither 'mlp', a GR00T preset ({', '.join(sorted(PRESETS))}), "
                           "a checkpoint directory nor a Hugging Face id")
     policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype, cuda_graphs=cfg.cuda_graphs,
-                                                 compile=cfg.compile)
+                                                 compile=cfg.compile, **rl_head)
     return policy, params, {"policy": "gr00t", "checkpoint": cfg.policy}
 
 

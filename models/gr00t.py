@@ -146,6 +146,8 @@ class Gr00tConfig:
                             f"{self.llm_hidden}")
         if not 1 <= self.executed_actions <= self.action_horizon:
             problems.append(f"executed_actions {self.executed_actions} not in [1, {self.action_horizon}]")
+        if not self.noise_level > 0:
+            problems.append(f"noise_level {self.noise_level} must be > 0 (deterministic actions: sample(deterministic=True))")
         if self.sde_steps not in ("one", "all"):
             problems.append(f"sde_steps {self.sde_steps!r} is not 'one' or 'all'")
         if self.num_inference_steps < 1:

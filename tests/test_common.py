@@ -166,3 +166,23 @@ def test_env_metadata_splits_arm_and_gripper_and_takes_a_gripper_alone():
     assert meta["modalities"]["video"]["view1"]["resolution"] == [64, 48]
     one_d = common.env_metadata(state, action[:, :1], (16, 16), 1)  # e.g. a 1-d force: no arm part
     assert list(one_d["statistics"]["action"]) == ["gripper"]
+
+
+def test_gr00t_flow_sde_flags_reach_the_policy_from_a_preset_and_a_checkpoint(tmp_path):
+    env = types.SimpleNamespace(state_dim=8, action_dim=7, num_views=2, cfg=types.SimpleNamespace(image_size=32))
+    cfg = PPOConfig(policy="gr00t-tiny", gr00t_noise_level=0.3, gr00t_sde_steps="all")
+    policy, params, base = common.make_policy(cfg, env, torch.device("cpu"))
+    assert (policy.cfg.noise_level, policy.cfg.sde_steps) == (0.3, "all")
+    policy.save(params, str(tmp_path / "gr00t"))
+    loaded, _, _ = common.make_policy(PPOConfig(policy=str(tmp_path / "gr00t"), gr00t_noise_level=0.7), env,
+                                      torch.device("cpu"))
+    assert (loaded.cfg.noise_level, loaded.cfg.sde_steps) == (0.7, "all")  # the checkpoint's steps, the flag's level
+    default, _, _ = common.make_policy(PPOConfig(policy="gr00t-tiny"), env, torch.device("cpu"))
+    assert (default.cfg.noise_level, default.cfg.sde_steps) == (0.5, "one")
+
+
+def test_bad_gr00t_flow_sde_flags_are_clear_errors():
+    with pytest.raises(common.ConfigError, match="--gr00t-noise-level must be > 0, got 0.0"):
+        common.check_run_config(PPOConfig(gr00t_noise_level=0.0))
+    with pytest.raises(common.ConfigError, match="--policy mlp has none"):
+        common.check_run_config(PPOConfig(policy="mlp", gr00t_sde_steps="all"))
