@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 from transformers import Qwen3Config, Qwen3Model, SiglipVisionConfig, SiglipVisionModel
+from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from models.gr00t_processor import (
@@ -316,13 +317,26 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
+def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(linear(x)), the MLP input of SigLIP and of the DiT / VL blocks. On CUDA without autograd (`sample`)
+    it is one cuBLASLt GEMM whose epilogue adds the bias and applies GELU (tanh form), instead of a GEMM and a pass
+    over its [..., 4 x hidden] output; torch.compile keeps the op (inductor calls ATen for it). The op has no
+    backward, so training takes the plain path."""
+    if not (x.is_cuda and not torch.is_grad_enabled()):
+        return F.gelu(linear(x), approximate="tanh")
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    out = torch._addmm_activation(linear.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype),
+                                  linear.weight.to(dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class GELUProj(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return linear_gelu_tanh(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -462,6 +476,13 @@ class ValueHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Backbone: transformers' SigLIP and Qwen3, nested so that parameter names are the official ones
 # ---------------------------------------------------------------------------------------------------------------
+class _SiglipMLP(SiglipMLP):
+    """transformers' SigLIP MLP (fc1, gelu_pytorch_tanh, fc2; same parameter names) with the fused fc1 + GELU."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(linear_gelu_tanh(self.fc1, hidden_states))
+
+
 class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model.*
     def __init__(self, cfg: Gr00tConfig):
         super().__init__()
@@ -471,6 +492,8 @@ class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model
             patch_size=cfg.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
             vision_use_head=False,  # the attention-pooling head: in the official model, never used by GR00T
             attn_implementation="sdpa"))
+        for layer in self.vision_model.encoder.layers:
+            layer.mlp = _SiglipMLP(layer.mlp.config)
 
 
 class _LanguageModel(nn.Module):  # backbone.eagle_model.language_model.model.* (lm_head: never computed)
@@ -642,12 +665,15 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
 
 # torch.compile modes for the blocks; the ones that add inductor's own CUDA graphs would nest in `CudaGraphed`'s.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "stacks")
 
 
-def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
+def compile_blocks(model: Gr00tModel, mode: str = "default", scope: str = "blocks") -> list[nn.Module]:
     """Regional compilation: torch.compile each repeated transformer block in place; everything else stays eager.
     `mode` "max-autotune-no-cudagraphs" also benchmarks GEMM kernels (Triton templates with fused epilogues
-    against cuBLAS) while compiling: slower to compile.
+    against cuBLAS) while compiling: slower to compile. `scope` "stacks" compiles each stack of blocks (SigLIP,
+    Qwen3, VL self-attention, one DiT pass) as one graph instead, so that a block's closing residual add fuses
+    into the next block's norm: longer graphs, longer compiles.
 
     Compiling all of `sample` made one graph of every layer, the DiT unrolled over the denoising steps (the 3B model
     did not finish compiling in 290 s on an H100). Dynamo inlines nn modules and takes their parameters as graph
@@ -655,19 +681,24 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     eagle, head = model.backbone.eagle_model, model.action_head
-    blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
-              *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
-              *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
+    if scope == "stacks":
+        regions = [eagle.vision_model.vision_model, eagle.language_model.model, head.vl_self_attention, head.model]
+    else:
+        regions = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
+                   *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
+                   *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
     # dynamic=True: batch size (rollout, minibatches) and prompt length vary, so trace sizes symbolically from the
     # first call rather than compiling each block once per size. What still recompiles is discrete: block variant
     # (TransformerBlock: VL, DiT self- and cross-attention), grad mode, param dtypes (fp32 training / bf16 inference
     # params), batch 1 (dynamo specializes sizes 0 and 1). That can pass dynamo's default of 8 graphs per code
     # object, after which the block silently runs eager: raise the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in blocks:
-        block.compile(dynamic=True, mode=mode)
-    return blocks
+    for region in regions:
+        region.compile(dynamic=True, mode=mode)
+    return regions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -886,7 +917,7 @@ class Gr00tPolicy:
     def __init__(self, cfg: Gr00tConfig | str = "gr00t-n1.5-3b", device: str | torch.device = "cpu",
                  metadata: Gr00tMetadata | dict | None = None, *, compute_dtype: torch.dtype | None = None,
                  tokenizer: PromptTokenizer | str | None = None, cuda_graphs: bool = False, compile: bool = False,
-                 compile_mode: str = "default", max_shard_bytes: int = 5 * 2**30):
+                 compile_mode: str = "default", compile_scope: str = "blocks", max_shard_bytes: int = 5 * 2**30):
         self.cfg = Gr00tConfig.preset(cfg) if isinstance(cfg, str) else cfg
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -901,7 +932,7 @@ class Gr00tPolicy:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device")
         if compile:  # compiled blocks inside the CUDA graph: inductor's kernels are capturable
-            compile_blocks(self.model, compile_mode)
+            compile_blocks(self.model, compile_mode, compile_scope)
         self._sample_fn = CudaGraphed(self._sample_core) if cuda_graphs else self._sample_core
 
     # -- metadata and processor --
@@ -1056,7 +1087,7 @@ class Gr00tPolicy:
                  if k in fields}
         saved["normalization_overrides"] = tuple(tuple(p) for p in saved.get("normalization_overrides", ()))
         policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer", "cuda_graphs", "compile",
-                                                          "compile_mode")
+                                                          "compile_mode", "compile_scope")
                          if k in overrides}
         cfg = dataclasses.replace(Gr00tConfig(), **{**saved, **overrides})
         policy = cls(cfg, device, **policy_kwargs)

@@ -17,6 +17,7 @@ from models.gr00t import (
     Gr00tPolicy,
     TransformerBlock,
     _build_skeleton,
+    linear_gelu_tanh,
 )
 from tests.test_gr00t_processor import make_metadata
 
@@ -580,3 +581,21 @@ def test_cuda_graph_replay_matches_eager_and_sees_in_place_updates():
     torch.testing.assert_close(logprob, second["logprob"], atol=1e-3, rtol=1e-4)
     (-logprob.mean() + value.square().mean()).backward()
     assert params["action_head.model.proj_out_2.weight"].grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_fused_linear_gelu_equals_linear_then_gelu_tanh(autocast):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 256).cuda()
+    x = torch.randn(3, 50, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        plain = torch.nn.functional.gelu(linear(x), approximate="tanh")
+        with torch.no_grad():
+            fused = linear_gelu_tanh(linear, x)                 # the cuBLASLt bias + GELU epilogue
+        trained = linear_gelu_tanh(linear, x)                   # autograd on: the plain path, with a backward
+    assert fused.shape == plain.shape == (3, 50, 256) and fused.dtype == plain.dtype
+    tol = 2e-2 if autocast else 1e-4
+    torch.testing.assert_close(fused, plain, atol=tol, rtol=tol)
+    trained.sum().backward()
+    assert linear.weight.grad is not None
