@@ -50,9 +50,6 @@ class Args:
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile mode of the blocks: `default` or `max-autotune-no-cudagraphs` (GEMM kernels autotuned while
     compiling; slower to compile)."""
-    compile_scope: Literal["blocks", "stacks"] = "blocks"
-    """What one compiled graph holds: a transformer block (`blocks`), or a stack of them (`stacks`: SigLIP, Qwen3,
-    VL self-attention, one DiT pass), which also fuses across block boundaries."""
     cuda_graphs: bool = False
     """Replay `sample` as a CUDA graph (captured per batch size)."""
     inference_params: bool = False
@@ -160,7 +157,7 @@ def main(args: Args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = Gr00tConfig.preset(args.preset, tokenizer=args.tokenizer)
     policy = Gr00tPolicy(cfg, args.device, metadata=synthetic_metadata(args.camera_size), compile=args.compile,
-                         compile_mode=args.compile_mode, compile_scope=args.compile_scope,
+                         compile_mode=args.compile_mode,
                          cuda_graphs=args.cuda_graphs)
     t0 = time.perf_counter()
     params = policy.init(args.seed)
@@ -173,7 +170,7 @@ def main(args: Args) -> dict:
     trainable = sum(p.numel() for n, p in params.items() if policy.is_trainable(n))
     rows, results = [], {"setup": {
         "device": device_name, "preset": args.preset, "torch": torch.__version__, "compile": args.compile,
-        "compile_mode": args.compile_mode, "compile_scope": args.compile_scope,
+        "compile_mode": args.compile_mode,
         "cuda_graphs": args.cuda_graphs, "inference_params": args.inference_params,
         "compute_dtype": str(policy.compute_dtype), "prompt_tokens": prompt_len,
         "tokenizer": args.tokenizer, "params": num_params, "trainable_params": trainable, "init_s": init_s,
@@ -245,9 +242,7 @@ def _fmt(x, spec: str) -> str:
 def render(results: dict, rows: list[tuple]) -> str:
     s = results["setup"]
     mode = s.get("compile_mode", "default")
-    scope = s.get("compile_scope", "blocks")
-    compiled = ("regional torch.compile" + ("" if mode == "default" else f" ({mode})")
-                + ("" if scope == "blocks" else f" (scope: {scope})"))
+    compiled = "regional torch.compile" + ("" if mode == "default" else f" ({mode})")
     flags = ", ".join(f for f, on in ((compiled, s["compile"]), ("CUDA graphs", s["cuda_graphs"]),
                                       ("inference params for `sample`", s.get("inference_params"))) if on)
     header = (f"GR00T N1.5 policy throughput — {s['preset']} on **{s['device']}**, {s['compute_dtype']}"

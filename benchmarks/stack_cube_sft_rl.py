@@ -3,6 +3,8 @@
     python benchmarks/stack_cube_sft_rl.py --out runs/sft_rl_lift --rl-minutes 12.8   # the README's run (one GPU)
     python benchmarks/stack_cube_sft_rl.py --task IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor --ppo-num-steps 28
     python benchmarks/stack_cube_sft_rl.py --gpus 0 1 2 --ppo-learning-rates 1e-7 3e-7   # one RL job per GPU
+    python benchmarks/stack_cube_sft_rl.py --out runs/lift_e4 --sft-run runs/sft_rl_lift/sft --phases rl eval report \
+        "--ppo-flags=--value-warmup-iterations 2 --no-bootstrap-time-limits --update-epochs 4"  # one SFT, other RL
 
 Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `demos` rewrites the dataset,
 `sft` and `rl` refuse to start over an existing run):
@@ -74,6 +76,9 @@ class Args:
     """SFT peak learning rate."""
     sft_tune_visual: bool = True
     """Also train the vision tower during SFT."""
+    sft_run: Path | None = None
+    """Start RL from this existing SFT run (and evaluate it as `sft`) instead of <out>/sft, e.g. to compare RL
+    settings from one SFT model, one --out each. Not with the sft phase."""
     # rl
     rl_num_envs: int = 256
     """Envs of each RL run (in total over its GPUs)."""
@@ -186,9 +191,14 @@ def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
     return flags
 
 
+def sft_dir(args: Args) -> Path:
+    """The SFT run that RL starts from."""
+    return args.sft_run if args.sft_run is not None else args.out / "sft"
+
+
 def rl_runs(args: Args) -> dict[str, list[str]]:
     """Run name -> `train.py` arguments of every RL run."""
-    shared = ["--policy", str(args.out / "sft" / "gr00t"), *env_flags(args, args.rl_num_envs), "--seed",
+    shared = ["--policy", str(sft_dir(args) / "gr00t"), *env_flags(args, args.rl_num_envs), "--seed",
               str(args.seed)]
     budget = ["--max-minutes", str(args.rl_minutes)] if args.rl_minutes is not None else []
     runs = {}
@@ -208,7 +218,7 @@ def rl_runs(args: Args) -> dict[str, list[str]]:
 
 def models(args: Args) -> dict[str, Path]:
     """Evaluated model name -> run directory (its newest checkpoint is evaluated)."""
-    return {"sft": args.out / "sft", **{name: args.out / name for name in rl_runs(args)}}
+    return {"sft": sft_dir(args), **{name: args.out / name for name in rl_runs(args)}}
 
 
 def refuse_existing(runs: list[Path]) -> None:
@@ -262,8 +272,10 @@ def report(args: Args) -> dict:
     evals = {name: json.loads((args.out / "eval" / name / "summary.json").read_text())
              for name in models(args) if (args.out / "eval" / name / "summary.json").is_file()}
     curves = {name: read_jsonl(args.out / name / "metrics.jsonl") for name in rl_runs(args)}
-    demos_info = json.loads((args.out / "demos" / "meta" / "info.json").read_text()) \
-        if (args.out / "demos" / "meta" / "info.json").is_file() else {}
+    sft_config = sft_dir(args) / "config.json"  # the SFT run names its dataset
+    demos = Path(json.loads(sft_config.read_text())["dataset"]) if sft_config.is_file() else args.out / "demos"
+    info = demos / "meta" / "info.json"
+    demos_info = json.loads(info.read_text()) if info.is_file() else {}
     sft = evals.get("sft", {}).get("success_rate")
     rows = []
     for name in models(args):
@@ -336,6 +348,9 @@ def plot(args: Args, curves: dict[str, list[dict]], rows: list[dict]) -> None:
 
 
 def main(args: Args) -> None:
+    if args.sft_run is not None and "sft" in args.phases:
+        raise SystemExit(f"error: --sft-run {args.sft_run} reuses an SFT run; leave out the sft phase "
+                         "(e.g. --phases rl eval report)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str))
     for phase in PHASES:

@@ -43,8 +43,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 from transformers import Qwen3Config, Qwen3Model, SiglipVisionConfig, SiglipVisionModel
-from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+from transformers.models.siglip.modeling_siglip import SiglipMLP
 
 from models.gr00t_processor import (
     BUILTIN_TOKENIZER,
@@ -148,7 +148,8 @@ class Gr00tConfig:
         if not 1 <= self.executed_actions <= self.action_horizon:
             problems.append(f"executed_actions {self.executed_actions} not in [1, {self.action_horizon}]")
         if not self.noise_level > 0:
-            problems.append(f"noise_level {self.noise_level} must be > 0 (deterministic actions: sample(deterministic=True))")
+            problems.append(f"noise_level {self.noise_level} must be > 0 (for deterministic actions: "
+                            "sample(deterministic=True))")
         if self.sde_steps not in ("one", "all"):
             problems.append(f"sde_steps {self.sde_steps!r} is not 'one' or 'all'")
         if self.num_inference_steps < 1:
@@ -321,8 +322,10 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(linear(x)), the MLP input of SigLIP and of the DiT / VL blocks. On CUDA without autograd (`sample`)
     it is one cuBLASLt GEMM whose epilogue adds the bias and applies GELU (tanh form), instead of a GEMM and a pass
     over its [..., 4 x hidden] output; torch.compile keeps the op (inductor calls ATen for it). The op has no
-    backward, so training takes the plain path."""
-    if not (x.is_cuda and not torch.is_grad_enabled()):
+    backward, so training (and `evaluate`) takes the plain path, which rounds to bf16 once more: on the GPU a
+    rollout's log-probs and `evaluate`'s differ by that rounding, as they do by batch shape (--recompute-logprob
+    measures the gap)."""
+    if not x.is_cuda or torch.is_grad_enabled():
         return F.gelu(linear(x), approximate="tanh")
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     out = torch._addmm_activation(linear.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype),
@@ -665,40 +668,35 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
 
 # torch.compile modes for the blocks; the ones that add inductor's own CUDA graphs would nest in `CudaGraphed`'s.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-COMPILE_SCOPES = ("blocks", "stacks")
 
 
-def compile_blocks(model: Gr00tModel, mode: str = "default", scope: str = "blocks") -> list[nn.Module]:
+def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     """Regional compilation: torch.compile each repeated transformer block in place; everything else stays eager.
     `mode` "max-autotune-no-cudagraphs" also benchmarks GEMM kernels (Triton templates with fused epilogues
-    against cuBLAS) while compiling: slower to compile. `scope` "stacks" compiles each stack of blocks (SigLIP,
-    Qwen3, VL self-attention, one DiT pass) as one graph instead, so that a block's closing residual add fuses
-    into the next block's norm: longer graphs, longer compiles.
+    against cuBLAS) while compiling: slower to compile.
 
     Compiling all of `sample` made one graph of every layer, the DiT unrolled over the denoising steps (the 3B model
-    did not finish compiling in 290 s on an H100). Dynamo inlines nn modules and takes their parameters as graph
-    inputs, so blocks of one class share one compiled code and read the params dict that functional_call swaps in.
+    did not finish compiling in 290 s on an H100). One graph per stack of blocks (all SigLIP layers, all Qwen3
+    layers, ...) would fuse each block's closing residual add into the next block's norm, but on an H100 it was
+    slower (292 against 304 samples/s at batch 64) and took 5x the warm-up. Dynamo inlines nn modules and takes
+    their parameters as graph inputs, so blocks of one class share one compiled code and read the params dict
+    that functional_call swaps in.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"compile scope {scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     eagle, head = model.backbone.eagle_model, model.action_head
-    if scope == "stacks":
-        regions = [eagle.vision_model.vision_model, eagle.language_model.model, head.vl_self_attention, head.model]
-    else:
-        regions = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
-                   *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
-                   *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
+    blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
+              *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
+              *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
     # dynamic=True: batch size (rollout, minibatches) and prompt length vary, so trace sizes symbolically from the
     # first call rather than compiling each block once per size. What still recompiles is discrete: block variant
     # (TransformerBlock: VL, DiT self- and cross-attention), grad mode, param dtypes (fp32 training / bf16 inference
     # params), batch 1 (dynamo specializes sizes 0 and 1). That can pass dynamo's default of 8 graphs per code
     # object, after which the block silently runs eager: raise the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for region in regions:
-        region.compile(dynamic=True, mode=mode)
-    return regions
+    for block in blocks:
+        block.compile(dynamic=True, mode=mode)
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -917,7 +915,7 @@ class Gr00tPolicy:
     def __init__(self, cfg: Gr00tConfig | str = "gr00t-n1.5-3b", device: str | torch.device = "cpu",
                  metadata: Gr00tMetadata | dict | None = None, *, compute_dtype: torch.dtype | None = None,
                  tokenizer: PromptTokenizer | str | None = None, cuda_graphs: bool = False, compile: bool = False,
-                 compile_mode: str = "default", compile_scope: str = "blocks", max_shard_bytes: int = 5 * 2**30):
+                 compile_mode: str = "default", max_shard_bytes: int = 5 * 2**30):
         self.cfg = Gr00tConfig.preset(cfg) if isinstance(cfg, str) else cfg
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -932,7 +930,7 @@ class Gr00tPolicy:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device")
         if compile:  # compiled blocks inside the CUDA graph: inductor's kernels are capturable
-            compile_blocks(self.model, compile_mode, compile_scope)
+            compile_blocks(self.model, compile_mode)
         self._sample_fn = CudaGraphed(self._sample_core) if cuda_graphs else self._sample_core
 
     # -- metadata and processor --
@@ -1087,7 +1085,7 @@ class Gr00tPolicy:
                  if k in fields}
         saved["normalization_overrides"] = tuple(tuple(p) for p in saved.get("normalization_overrides", ()))
         policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer", "cuda_graphs", "compile",
-                                                          "compile_mode", "compile_scope")
+                                                          "compile_mode")
                          if k in overrides}
         cfg = dataclasses.replace(Gr00tConfig(), **{**saved, **overrides})
         policy = cls(cfg, device, **policy_kwargs)

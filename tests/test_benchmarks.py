@@ -88,6 +88,21 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     assert {(c.num_episodes, c.seed, c.deterministic) for c in cfgs} == {(256, 12345, True)}
 
 
+def test_stack_cube_pipeline_starts_rl_from_another_sft_run(tmp_path):
+    sft_run = tmp_path / "first" / "sft"
+    args = stack_cube_sft_rl.Args(out=tmp_path / "second", sft_run=sft_run, phases=["rl", "eval", "report"])
+    rl = [train_script.parse(job.cmd[2:]) for job in stack_cube_sft_rl.phase_jobs("rl", args)]
+    assert {c.policy for c in rl} == {str(sft_run / "gr00t")}
+    assert {c.run_dir for c in rl} == {str(tmp_path / "second" / n) for n in ("ppo_lr1e-06", "grpo_lr1e-06")}
+    (sft_run / "checkpoints" / "iter_000001").mkdir(parents=True)
+    (sft_run / "checkpoints" / "iter_000001" / "state.json").write_text("{}")
+    (eval_sft,) = stack_cube_sft_rl.phase_jobs("eval", args)   # the RL runs have no checkpoint yet
+    assert tyro.cli(eval_script.EvalConfig, args=eval_sft.cmd[2:]).checkpoint == str(sft_run)
+    args.phases = ["sft", "rl"]
+    with pytest.raises(SystemExit, match="--sft-run .* reuses an SFT run; leave out the sft phase"):
+        stack_cube_sft_rl.main(args)
+
+
 def test_stack_cube_pipeline_stops_at_a_failed_job(tmp_path):
     args = stack_cube_sft_rl.Args(out=tmp_path, device="cpu")
     jobs = [stack_cube_sft_rl.Job("ok", [sys.executable, "-c", "print('fine')"]),
