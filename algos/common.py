@@ -361,21 +361,23 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_gra
     return torch.linalg.vector_norm(torch.stack([n.to(loss.device) for n in norms]))  # a group without grads: CPU 0
 
 
-@torch.no_grad()
 def recompute_logprob(policy, params, rows: dict[str, torch.Tensor], num_minibatches: int,
                       run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout's log-probs [R] recomputed by `evaluate` under the rollout's params, in minibatches of the
     update's sizes; and the mean |recomputed - sampled| (a scalar, for the logs).
 
     `sample` and `evaluate` may reach their numbers by different kernels (a CUDA graph, other batch shapes, in
-    bf16), and a gap summed over a chunk's action dims would read as policy change. Ratios against the
-    recomputed log-probs start at exactly 1. (Lift, gr00t-small, bf16, no CUDA graphs, H100: the gap was 0.)"""
+    bf16, GR00T's fused GELU of `sample`), and a gap summed over a chunk's action dims would read as policy change.
+    Ratios against the recomputed log-probs start at exactly 1. (Lift, gr00t-small, bf16, no CUDA graphs, H100,
+    before the fused GELU: the gap was 0.) Autograd stays on, as in the update, so that `evaluate` runs the
+    update's kernels and compiled graphs (GR00T fuses its GELU only without autograd); each minibatch's graph is
+    dropped once its log-probs are detached."""
     num_rows = rows["logprob"].shape[0]
     parts = []
     for idx in torch.tensor_split(torch.arange(num_rows, device=rows["logprob"].device), num_minibatches):
         with run.autocast():
             logprob, _, _ = policy.evaluate(params, {k: v[idx] for k, v in rows.items()})
-        parts.append(logprob.float())
+        parts.append(logprob.detach().float())
     recomputed = torch.cat(parts)
     gap = (recomputed - rows["logprob"].float()).abs().mean() if num_rows else torch.zeros((), device=run.device)
     return recomputed, gap

@@ -322,9 +322,9 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(linear(x)), the MLP input of SigLIP and of the DiT / VL blocks. On CUDA without autograd (`sample`)
     it is one cuBLASLt GEMM whose epilogue adds the bias and applies GELU (tanh form), instead of a GEMM and a pass
     over its [..., 4 x hidden] output; torch.compile keeps the op (inductor calls ATen for it). The op has no
-    backward, so training (and `evaluate`) takes the plain path, which rounds to bf16 once more: on the GPU a
-    rollout's log-probs and `evaluate`'s differ by that rounding, as they do by batch shape (--recompute-logprob
-    measures the gap)."""
+    backward, so training takes the plain path (as does the RL update's `evaluate`, and `recompute_logprob`,
+    which runs with autograd for that reason). It rounds to bf16 once more: on the GPU a rollout's log-probs and
+    the update's differ by that rounding, as they do by batch shape (--recompute-logprob measures the gap)."""
     if not x.is_cuda or torch.is_grad_enabled():
         return F.gelu(linear(x), approximate="tanh")
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype

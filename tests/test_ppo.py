@@ -179,3 +179,20 @@ def test_recompute_logprob_uses_the_update_minibatch_sizes():
     logprob, gap = common.recompute_logprob(HalfPolicy(), {}, {"x": x, "logprob": 2 * x + 0.5}, 3, run)
     assert logprob.tolist() == (2 * x).tolist() and gap.item() == 0.5
     assert HalfPolicy.sizes == [len(i) for i in common.minibatch_indices(10, 3, torch.Generator())] == [4, 3, 3]
+
+
+def test_recompute_logprob_runs_evaluate_with_autograd_as_the_update_and_detaches():
+    weight = torch.tensor(2.0, requires_grad=True)
+
+    class GradPolicy:  # GR00T picks kernels by autograd mode (its fused GELU): recompute must match the update's
+        grad_modes = []
+
+        def evaluate(self, params, mb):
+            self.grad_modes.append(torch.is_grad_enabled())
+            return weight * mb["x"], None, None
+
+    x = torch.arange(4.0)
+    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=common.contextlib.nullcontext)
+    logprob, gap = common.recompute_logprob(GradPolicy(), {}, {"x": x, "logprob": 2 * x}, 2, run)
+    assert GradPolicy.grad_modes == [True, True]
+    assert not logprob.requires_grad and not gap.requires_grad and logprob.tolist() == (2 * x).tolist()
