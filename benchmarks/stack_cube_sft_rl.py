@@ -80,6 +80,8 @@ class Args:
     """Start RL from this existing SFT run (and evaluate it as `sft`) instead of <out>/sft, e.g. to compare RL
     settings from one SFT model, one --out each. Not with the sft phase."""
     # rl
+    rl_algos: list[Literal["ppo", "grpo"]] = field(default_factory=lambda: ["ppo", "grpo"])
+    """RL algorithms to run from the SFT model (`ppo` alone gives PPO a GPU to itself under the default --gpus 0)."""
     rl_num_envs: int = 256
     """Envs of each RL run (in total over its GPUs)."""
     rl_gpus_per_run: int = 1
@@ -202,12 +204,14 @@ def rl_runs(args: Args) -> dict[str, list[str]]:
               str(args.seed)]
     budget = ["--max-minutes", str(args.rl_minutes)] if args.rl_minutes is not None else []
     runs = {}
-    for lr in args.ppo_learning_rates:
+    for lr in args.ppo_learning_rates if "ppo" in args.rl_algos else []:
         name = f"ppo_lr{lr:g}"
         runs[name] = ["ppo", *shared, "--num-steps", str(args.ppo_num_steps), "--learning-rate", str(lr),
                       "--num-iterations", str(args.ppo_iterations), "--save-every", str(args.rl_save_every),
                       "--num-minibatches", str(args.ppo_num_minibatches), "--run-dir", str(args.out / name),
                       *budget, *shlex.split(args.ppo_flags)]
+    if "grpo" not in args.rl_algos:
+        return runs
     name = f"grpo_lr{args.grpo_learning_rate:g}"
     runs[name] = ["grpo", *shared, "--group-size", str(args.grpo_group_size),
                   "--learning-rate", str(args.grpo_learning_rate), "--num-iterations", str(args.grpo_iterations),
@@ -351,6 +355,8 @@ def main(args: Args) -> None:
     if args.sft_run is not None and "sft" in args.phases:
         raise SystemExit(f"error: --sft-run {args.sft_run} reuses an SFT run; leave out the sft phase "
                          "(e.g. --phases rl eval report)")
+    if not args.rl_algos and "rl" in args.phases:
+        raise SystemExit("error: --rl-algos is empty; name ppo, grpo or both")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str))
     for phase in PHASES:

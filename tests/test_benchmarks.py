@@ -103,6 +103,16 @@ def test_stack_cube_pipeline_starts_rl_from_another_sft_run(tmp_path):
         stack_cube_sft_rl.main(args)
 
 
+def test_stack_cube_pipeline_runs_only_the_named_rl_algorithms(tmp_path):
+    ppo_only = stack_cube_sft_rl.Args(out=tmp_path, rl_algos=["ppo"], ppo_learning_rates=[1e-6, 2e-6])
+    assert [job.name for job in stack_cube_sft_rl.phase_jobs("rl", ppo_only)] == ["ppo_lr1e-06", "ppo_lr2e-06"]
+    assert list(stack_cube_sft_rl.models(ppo_only)) == ["sft", "ppo_lr1e-06", "ppo_lr2e-06"]
+    grpo_only = stack_cube_sft_rl.Args(out=tmp_path, rl_algos=["grpo"])
+    assert [job.cmd[2] for job in stack_cube_sft_rl.phase_jobs("rl", grpo_only)] == ["grpo"]
+    with pytest.raises(SystemExit, match="--rl-algos is empty"):
+        stack_cube_sft_rl.main(stack_cube_sft_rl.Args(out=tmp_path / "none", rl_algos=[], phases=["rl"]))
+
+
 def test_stack_cube_pipeline_stops_at_a_failed_job(tmp_path):
     args = stack_cube_sft_rl.Args(out=tmp_path, device="cpu")
     jobs = [stack_cube_sft_rl.Job("ok", [sys.executable, "-c", "print('fine')"]),
