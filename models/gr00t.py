@@ -668,6 +668,32 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
 
 # torch.compile modes for the blocks; the ones that add inductor's own CUDA graphs would nest in `CudaGraphed`'s.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Widest row that inductor normalises in one pass (SigLIP 1152, Qwen3 2048; inductor's own limit is 1024).
+PERSISTENT_ROW_NUMEL = 2048
+
+
+def use_one_pass_row_norms(max_numel: int = PERSISTENT_ROW_NUMEL) -> None:
+    """Let inductor generate layer / RMS norms over rows of up to `max_numel` elements as persistent reductions:
+    one program holds a whole row in registers, reads it once and writes the result. Above 1024 elements inductor
+    otherwise loops over the row, once for the statistics and again to normalise. On an H100 (batch-64 `sample`
+    of the 3B model) SigLIP's two norms per block went from 11.2 to 6.9 ms per call; Qwen3's (2048 wide) were
+    already as fast. Installed through inductor's documented override point (`V.set_choices_handler`) for the
+    calling thread, which is where torch.compile generates code. Inductor's FX graph cache is not keyed on it:
+    graphs it cached before keep their looping norms (slower, same results)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class OnePassRowNorms(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, max_numel)):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    V.set_choices_handler(OnePassRowNorms())
 
 
 def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
@@ -694,6 +720,7 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     # params), batch 1 (dynamo specializes sizes 0 and 1). That can pass dynamo's default of 8 graphs per code
     # object, after which the block silently runs eager: raise the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    use_one_pass_row_norms()
     for block in blocks:
         block.compile(dynamic=True, mode=mode)
     return blocks

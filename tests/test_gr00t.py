@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch._dynamo.utils import counters
 from torch.distributions import Normal
-from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from models.gr00t import (
@@ -18,6 +18,7 @@ from models.gr00t import (
     TransformerBlock,
     _build_skeleton,
     linear_gelu_tanh,
+    use_one_pass_row_norms,
 )
 from tests.test_gr00t_processor import make_metadata
 
@@ -599,3 +600,26 @@ def test_cuda_fused_linear_gelu_equals_linear_then_gelu_tanh(autocast):
     torch.testing.assert_close(fused, plain, atol=tol, rtol=tol)
     trained.sum().backward()
     assert linear.weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("width", [1152, 2048])                   # SigLIP's and Qwen3's hidden sizes
+@pytest.mark.parametrize("norm_class", [torch.nn.LayerNorm, Qwen3RMSNorm])
+def test_cuda_compiled_norms_of_wide_rows_read_each_row_once(width, norm_class):
+    """After use_one_pass_row_norms (compile_blocks installs it) inductor normalises a 1152- or 2048-wide row in
+    one persistent program (`triton_per_*`) instead of looping over it (`triton_red_*`), with eager's result."""
+    from torch._inductor.utils import run_and_get_code
+
+    use_one_pass_row_norms()
+    torch.manual_seed(0)
+    norm = norm_class(width).cuda()
+    x, residual = torch.randn(2, 3000, width, device="cuda", dtype=torch.bfloat16).unbind(0)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad(), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(lambda a, b: norm(a + b), dynamic=True), x, residual)
+        ref = norm(x + residual)
+    code = "\n".join(codes)
+    assert "triton_per_" in code and "triton_red_" not in code
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
