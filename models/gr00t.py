@@ -676,7 +676,7 @@ def use_one_pass_row_norms(max_numel: int = PERSISTENT_ROW_NUMEL) -> None:
     """Let inductor generate layer / RMS norms over rows of up to `max_numel` elements as persistent reductions:
     one program holds a whole row in registers, reads it once and writes the result. Above 1024 elements inductor
     otherwise loops over the row, once for the statistics and again to normalise. On an H100 (batch-64 `sample`
-    of the 3B model) SigLIP's two norms per block went from 11.2 to 6.9 ms per call; Qwen3's (2048 wide) were
+    of the 3B model) the two norms of every SigLIP and VL block took 6.9 ms per call, not 11.2; Qwen3's (2048) were
     already as fast. Installed through inductor's documented override point (`V.set_choices_handler`) for the
     calling thread, which is where torch.compile generates code. Inductor's FX graph cache is not keyed on it:
     graphs it cached before keep their looping norms (slower, same results)."""
