@@ -670,30 +670,35 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 # Widest row that inductor normalises in one pass (SigLIP 1152, Qwen3 2048; inductor's own limit is 1024).
 PERSISTENT_ROW_NUMEL = 2048
+_OnePassRowNorms = None  # the InductorChoices subclass below, made on first use: importing inductor takes seconds
 
 
-def use_one_pass_row_norms(max_numel: int = PERSISTENT_ROW_NUMEL) -> None:
-    """Let inductor generate layer / RMS norms over rows of up to `max_numel` elements as persistent reductions:
-    one program holds a whole row in registers, reads it once and writes the result. Above 1024 elements inductor
-    otherwise loops over the row, once for the statistics and again to normalise. On an H100 (batch-64 `sample`
-    of the 3B model) the two norms of every SigLIP and VL block took 6.9 ms per call, not 11.2; Qwen3's (2048) were
-    already as fast. Installed through inductor's documented override point (`V.set_choices_handler`) for the
-    calling thread, which is where torch.compile generates code. Inductor's FX graph cache is not keyed on it:
-    graphs it cached before keep their looping norms (slower, same results)."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
+def use_one_pass_row_norms() -> None:
+    """Let inductor generate layer / RMS norms over rows of up to PERSISTENT_ROW_NUMEL elements as persistent
+    reductions: one program holds a whole row in registers, reads it once and writes the result. Above 1024
+    elements inductor otherwise loops over the row, once for the statistics and again to normalise. On an H100
+    (batch-64 `sample` of the 3B model) the two norms of every SigLIP and VL block took 6.9 ms per call, not 11.2;
+    Qwen3's (2048) were already as fast. Installed through inductor's override point for its heuristics: as the
+    calling thread's choices handler (torch.compile generates code there), and as `inductor_choices_class` in
+    inductor's config, which keys its FX graph cache, so that graphs compiled with and without it never mix."""
+    global _OnePassRowNorms
     from torch._inductor.virtualized import V
 
-    class OnePassRowNorms(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-            if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
-                    and features.get_reduction_hint() == ReductionHint.INNER
-                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, max_numel)):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+    if _OnePassRowNorms is None:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.runtime.hints import ReductionHint
 
-    V.set_choices_handler(OnePassRowNorms())
+        class _OnePassRowNorms(InductorChoices):  # global: pickled by name into the cache key
+            @staticmethod
+            def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+                if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                        and features.get_reduction_hint() == ReductionHint.INNER
+                        and V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_NUMEL)):
+                    return True
+                return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    torch._inductor.config.inductor_choices_class = _OnePassRowNorms
+    V.set_choices_handler(_OnePassRowNorms())
 
 
 def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:

@@ -623,3 +623,23 @@ def test_cuda_compiled_norms_of_wide_rows_read_each_row_once(width, norm_class):
     assert "triton_per_" in code and "triton_red_" not in code
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_one_pass_norms_key_inductors_graph_cache(tmp_path, monkeypatch):
+    """use_one_pass_row_norms changes the code inductor generates, so a graph that inductor cached without it is
+    not served with it (nor the other way round): the setting is part of the FX graph cache key."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    monkeypatch.setattr(torch._inductor.config, "inductor_choices_class", None)  # as before any compile_blocks
+
+    def compile_and_run() -> dict[str, int]:
+        counters.clear()
+        torch._dynamo.reset()
+        torch.compile(lambda x: torch.nn.functional.layer_norm(x * 3, (1152,)))(torch.randn(4, 1152))
+        return {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+
+    assert compile_and_run() == {"fxgraph_cache_miss": 1}
+    assert compile_and_run() == {"fxgraph_cache_hit": 1}
+    use_one_pass_row_norms()
+    assert compile_and_run() == {"fxgraph_cache_miss": 1}
+    assert compile_and_run() == {"fxgraph_cache_hit": 1}
