@@ -5,6 +5,8 @@
     python benchmarks/stack_cube_sft_rl.py --gpus 0 1 2 --ppo-learning-rates 1e-7 3e-7   # one RL job per GPU
     python benchmarks/stack_cube_sft_rl.py --out runs/lift_e4 --sft-run runs/sft_rl_lift/sft --phases rl eval report \
         "--ppo-flags=--value-warmup-iterations 2 --no-bootstrap-time-limits --update-epochs 4"  # one SFT, other RL
+    python benchmarks/stack_cube_sft_rl.py --out runs/ppo_alone --sft-run runs/sft_rl_lift/sft --phases rl eval report \
+        --rl-algos ppo                                                                  # PPO alone on the GPU
 
 Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `demos` rewrites the dataset,
 `sft` and `rl` refuse to start over an existing run):
