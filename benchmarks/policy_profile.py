@@ -2,6 +2,7 @@
 
     python -m benchmarks.policy_profile --tokenizer <dir with the GR00T tokenizer files>             # H100, eager
     python -m benchmarks.policy_profile --tokenizer <same dir> --compile                            # regional compile
+    python -m benchmarks.policy_profile --tokenizer <same dir> --compile --ops 20   # + the ATen ops behind the time
     python -m benchmarks.policy_profile --preset gr00t-tiny --device cpu --batch-size 2 --top 5     # smoke
 
 Same synthetic observations and bf16 inference params as `policy_throughput`; torch.profiler over --calls calls
@@ -39,6 +40,9 @@ class Args:
     """Profiled calls; times are per call."""
     top: int = 25
     """Kernels listed."""
+    ops: int = 0
+    """Also list the N ATen ops that launched the most kernel time, by input shapes, and whether a compiled block
+    ran them: to find where kernels outside inductor's come from. Costs a second profile that records CPU ops."""
     out: Path = Path("runs/policy_profile")
 
 
@@ -86,11 +90,44 @@ def main(args: Args) -> str:
     lines += ["", "| kernel | kind | ms per call | calls per call |", "|---|---|---:|---:|"]
     for e in sorted(events, key=lambda e: -kernel_us(e))[:args.top]:
         lines.append(f"| `{e.key[:90]}` | {kind(e.key)} | {ms(kernel_us(e)):.2f} | {e.count // args.calls} |")
+    if args.ops:
+        lines += ["", *op_table(policy, params, obs, generator, args)]
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "policy_profile.md").write_text(table)
     return table
+
+
+def op_table(policy, params, obs, generator, args: Args) -> list[str]:
+    """Markdown rows: the --ops ATen ops with the most kernel time they launched themselves (CPU: their own time),
+    grouped by op, input shapes and where they ran (inside a compiled block, or eager)."""
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(args.calls):
+            policy.sample(params, obs, INSTRUCTION, generator)
+        if cuda:
+            torch.cuda.synchronize()
+
+    def in_compiled_block(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and "CompiledFxGraph" not in parent.name:
+            parent = parent.cpu_parent
+        return parent is not None
+
+    totals: dict[tuple[str, str, str], list[float]] = {}  # (op, shapes, where) -> [us, count]
+    for e in prof.events():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if e.name.startswith("aten::") and us > 0:
+            key = (e.name, str([list(s) for s in e.input_shapes if s]), "compiled" if in_compiled_block(e) else "eager")
+            totals.setdefault(key, [0.0, 0])
+            totals[key][0] += us
+            totals[key][1] += 1
+    rows = ["| op | input shapes | ran | ms per call | calls per call |", "|---|---|---|---:|---:|"]
+    for (name, shapes, where), (us, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.ops]:
+        rows.append(f"| `{name}` | {shapes[:80]} | {where} | {us / args.calls / 1e3:.2f} | {count // args.calls} |")
+    return rows
 
 
 if __name__ == "__main__":

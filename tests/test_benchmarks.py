@@ -159,10 +159,19 @@ def test_policy_profile_sorts_kernels_by_kind_and_sums_to_the_total(tmp_path):
     assert policy_profile.kind("triton_per_fused__scaled_dot_product_cudnn_attention__to_copy_add_cat") == "other"
     assert policy_profile.kind("triton_mm_1658") == "matmul" and policy_profile.kind("aten::addmm") == "matmul"
     table = policy_profile.main(policy_profile.Args(preset="gr00t-tiny", device="cpu", batch_size=2, warmup=1,
-                                                    calls=1, top=5, out=tmp_path))
+                                                    calls=1, top=5, ops=4, out=tmp_path))
     assert (tmp_path / "policy_profile.md").read_text() == table
     total = float(table.split(": ")[1].split(" ms")[0])
     kinds = {row.split(" | ")[0][2:]: float(row.split(" | ")[1]) for row in table.splitlines()
              if row.startswith(("| matmul |", "| attention |", "| other |"))}
     assert set(kinds) == {"matmul", "attention", "other"} and sum(kinds.values()) == pytest.approx(total, abs=0.2)
-    assert len([r for r in table.splitlines() if r.startswith("| `")]) == 5
+    kernel_rows, op_rows = [], []
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            (op_rows if row.startswith("| `aten::") and row.count(" | ") == 4 else kernel_rows).append(row.split(" | "))
+    assert len(kernel_rows) == 5
+    # --ops: the 4 ATen ops with the most time, by input shapes, slowest first; eager here (no --compile)
+    assert len(op_rows) == 4 and {r[2] for r in op_rows} == {"eager"}
+    assert all(r[1].startswith("[[") for r in op_rows)
+    times = [float(r[3]) for r in op_rows]
+    assert times == sorted(times, reverse=True) and times[-1] > 0
