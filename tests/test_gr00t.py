@@ -629,8 +629,6 @@ def test_one_pass_norms_key_inductors_graph_cache(tmp_path, monkeypatch):
     """use_one_pass_row_norms changes the code inductor generates, so a graph that inductor cached without it is
     not served with it (nor the other way round): the setting is part of the FX graph cache key."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
-    monkeypatch.setattr(torch._inductor.config, "inductor_choices_class", None)  # as before any compile_blocks
 
     def compile_and_run() -> dict[str, int]:
         counters.clear()
@@ -638,8 +636,11 @@ def test_one_pass_norms_key_inductors_graph_cache(tmp_path, monkeypatch):
         torch.compile(lambda x: torch.nn.functional.layer_norm(x * 3, (1152,)))(torch.randn(4, 1152))
         return {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
 
-    assert compile_and_run() == {"fxgraph_cache_miss": 1}
-    assert compile_and_run() == {"fxgraph_cache_hit": 1}
-    use_one_pass_row_norms()
-    assert compile_and_run() == {"fxgraph_cache_miss": 1}
-    assert compile_and_run() == {"fxgraph_cache_hit": 1}
+    # inductor's own config API, restored on exit (monkeypatch's undo left fx_graph_cache unreadable to later tests)
+    with torch._inductor.config.patch(fx_graph_cache=True, inductor_choices_class=None):  # as before compile_blocks
+        assert compile_and_run() == {"fxgraph_cache_miss": 1}
+        assert compile_and_run() == {"fxgraph_cache_hit": 1}
+        use_one_pass_row_norms()
+        assert compile_and_run() == {"fxgraph_cache_miss": 1}
+        assert compile_and_run() == {"fxgraph_cache_hit": 1}
+    torch._dynamo.reset()
