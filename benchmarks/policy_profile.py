@@ -68,11 +68,7 @@ def main(args: Args) -> str:
     for _ in range(args.warmup):
         policy.sample(params, obs, INSTRUCTION, generator)
     activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        for _ in range(args.calls):
-            policy.sample(params, obs, INSTRUCTION, generator)
-        if cuda:
-            torch.cuda.synchronize()
+    prof = profile_calls(policy, params, obs, generator, args, [activity])
     # on CPU the ops' self time stands in for kernel time
     kernel_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = [e for e in prof.key_averages() if kernel_us(e) > 0]
@@ -99,16 +95,22 @@ def main(args: Args) -> str:
     return table
 
 
+def profile_calls(policy, params, obs, generator, args: Args, activities: list, record_shapes: bool = False):
+    """torch.profiler over --calls `sample` calls (the GPU's queue drained before it stops)."""
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
+        for _ in range(args.calls):
+            policy.sample(params, obs, INSTRUCTION, generator)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return prof
+
+
 def op_table(policy, params, obs, generator, args: Args) -> list[str]:
     """Markdown rows: the --ops ATen ops with the most kernel time they launched themselves (CPU: their own time),
     grouped by op, input shapes and where they ran (inside a compiled block, or eager)."""
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(args.calls):
-            policy.sample(params, obs, INSTRUCTION, generator)
-        if cuda:
-            torch.cuda.synchronize()
+    prof = profile_calls(policy, params, obs, generator, args, activities, record_shapes=True)
 
     def in_compiled_block(event) -> bool:
         parent = event.cpu_parent

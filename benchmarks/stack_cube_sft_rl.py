@@ -212,13 +212,12 @@ def rl_runs(args: Args) -> dict[str, list[str]]:
                       "--num-iterations", str(args.ppo_iterations), "--save-every", str(args.rl_save_every),
                       "--num-minibatches", str(args.ppo_num_minibatches), "--run-dir", str(args.out / name),
                       *budget, *shlex.split(args.ppo_flags)]
-    if "grpo" not in args.rl_algos:
-        return runs
-    name = f"grpo_lr{args.grpo_learning_rate:g}"
-    runs[name] = ["grpo", *shared, "--group-size", str(args.grpo_group_size),
-                  "--learning-rate", str(args.grpo_learning_rate), "--num-iterations", str(args.grpo_iterations),
-                  "--save-every", str(args.rl_save_every), "--num-minibatches", str(args.grpo_num_minibatches),
-                  "--run-dir", str(args.out / name), *budget, *shlex.split(args.grpo_flags)]
+    if "grpo" in args.rl_algos:
+        name = f"grpo_lr{args.grpo_learning_rate:g}"
+        runs[name] = ["grpo", *shared, "--group-size", str(args.grpo_group_size),
+                      "--learning-rate", str(args.grpo_learning_rate), "--num-iterations", str(args.grpo_iterations),
+                      "--save-every", str(args.rl_save_every), "--num-minibatches", str(args.grpo_num_minibatches),
+                      "--run-dir", str(args.out / name), *budget, *shlex.split(args.grpo_flags)]
     return runs
 
 
