@@ -318,6 +318,11 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
+def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """The dtype that x's matmuls run in: autocast's on x's device when autocast is on there, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(linear(x)), the MLP input of SigLIP and of the DiT / VL blocks. On CUDA without autograd (`sample`)
     it is one cuBLASLt GEMM whose epilogue adds the bias and applies GELU (tanh form), instead of a GEMM and a pass
@@ -327,7 +332,7 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     the update's differ by that rounding, as they do by batch shape (--recompute-logprob measures the gap)."""
     if not x.is_cuda or torch.is_grad_enabled():
         return F.gelu(linear(x), approximate="tanh")
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    dtype = compute_dtype_of(x)
     out = torch._addmm_activation(linear.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype),
                                   linear.weight.to(dtype).t(), use_gelu=True)
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -399,7 +404,10 @@ class DiT(nn.Module):
         self.proj_out_2 = nn.Linear(dim, cfg.hidden_size)
 
     def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """K/V of the VL tokens for each cross-attention block: computed once, shared by all denoising steps."""
+        """K/V of the VL tokens for each cross-attention block: computed once, shared by all denoising steps.
+        The tokens are cast to the compute dtype once, here: under autocast they leave the VL blocks in fp32, and each
+        of the 2 x 8 projections would cast (and in training, save) its own copy."""
+        context = context.to(compute_dtype_of(context))
         return [blk.attn1.kv(context) if i % 2 == 0 else None for i, blk in enumerate(self.transformer_blocks)]
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, kv: list) -> torch.Tensor:
@@ -702,7 +710,8 @@ def use_one_pass_row_norms() -> None:
 
 
 def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
-    """Regional compilation: torch.compile each repeated transformer block in place; everything else stays eager.
+    """Regional compilation: torch.compile each repeated transformer block in place, and the three norms over all
+    of an observation's tokens; everything else stays eager.
     `mode` "max-autotune-no-cudagraphs" also benchmarks GEMM kernels (Triton templates with fused epilogues
     against cuBLAS) while compiling: slower to compile.
 
@@ -725,10 +734,13 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     # params), batch 1 (dynamo specializes sizes 0 and 1). That can pass dynamo's default of 8 graphs per code
     # object, after which the block silently runs eager: raise the limit.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # The norms that run once per observation over all its tokens: eager, each is several passes over [N, L, D] in
+    # fp32 (Qwen3's RMSNorm five kernels, a LayerNorm under autocast a cast and the norm); compiled, one kernel.
+    norms = [eagle.vision_model.vision_model.post_layernorm, eagle.language_model.model.norm, head.vlln]
     use_one_pass_row_norms()
-    for block in blocks:
-        block.compile(dynamic=True, mode=mode)
-    return blocks
+    for module in blocks + norms:
+        module.compile(dynamic=True, mode=mode)
+    return blocks + norms
 
 
 # ---------------------------------------------------------------------------------------------------------------

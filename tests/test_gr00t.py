@@ -489,6 +489,32 @@ def test_sft_loss_trains_the_action_head(policy, params, obs, out):
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0]
 
 
+def test_cross_attention_kv_cast_the_vl_tokens_once(policy, params):
+    """Under autocast the VL tokens (fp32 out of their LayerNorm) are cast to bf16 once for all cross-attention
+    K/V projections, not once per projection; K/V equal those of the per-projection casts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    dit = reference_model(policy, params).action_head.model
+    vl = torch.randn(2, 7, policy.cfg.llm_hidden)
+
+    class CastsOfVl(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == vl.shape:
+                CastsOfVl.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), CastsOfVl():
+        kv = dit.cross_kv(vl)
+    cross = [pair for pair in kv if pair is not None]
+    assert len(cross) == (policy.cfg.dit_layers + 1) // 2 and CastsOfVl.count == 1
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for (k, v), blk in zip(cross, dit.transformer_blocks[::2]):
+            assert k.dtype == v.dtype == torch.bfloat16
+            torch.testing.assert_close((k, v), blk.attn1.kv(vl), rtol=0, atol=0)
+
+
 # -- regional torch.compile -------------------------------------------------------------------------------------
 def test_compile_compiles_the_blocks_and_changes_no_result(policy, params, monkeypatch):
     """compile=True compiles each repeated block in place (inductor, CPU here): sample, evaluate and gradients as
@@ -498,8 +524,9 @@ def test_compile_compiles_the_blocks_and_changes_no_result(policy, params, monke
     compiled = Gr00tPolicy(policy.cfg, metadata=make_metadata(), compile=True)
     blocks = [m for m in compiled.model.modules() if m._compiled_call_impl is not None]
     c = policy.cfg
-    assert len(blocks) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers
-    assert {type(b) for b in blocks} == {SiglipEncoderLayer, Qwen3DecoderLayer, TransformerBlock}
+    assert len(blocks) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers + 3  # + the three norms
+    assert {type(b) for b in blocks} == {SiglipEncoderLayer, Qwen3DecoderLayer, TransformerBlock, torch.nn.LayerNorm,
+                                         Qwen3RMSNorm}
 
     def graphs():
         return counters["stats"]["unique_graphs"]
