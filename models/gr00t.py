@@ -43,8 +43,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 from transformers import Qwen3Config, Qwen3Model, SiglipVisionConfig, SiglipVisionModel
-from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
-from transformers.models.siglip.modeling_siglip import SiglipMLP
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from models.gr00t_processor import (
     BUILTIN_TOKENIZER,
@@ -338,6 +338,34 @@ def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+@torch.library.custom_op("leanvla::add_matmul_", mutates_args=("out",))
+def _add_matmul_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """out += x @ weight.T in place: one GEMM that reads out as its C (beta = 1)."""
+    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+
+
+@_add_matmul_.register_fake
+def _(out, x, weight) -> None:
+    return None
+
+
+def add_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x), a block's closing residual add. On CUDA without autograd (`sample`), with the residual
+    in the compute dtype, the GEMM accumulates into residual + bias (cuBLAS beta = 1) rather than writing its output
+    for an add to read again; compiled, inductor computes residual + bias in the kernel that makes the residual, and
+    the GEMM updates that buffer in place. In bf16 it rounds differently from the plain path: like linear_gelu_tanh,
+    a difference between a rollout's and the update's numbers on the GPU. Training, the CPU (where `sample` and
+    `evaluate` then agree exactly) and fp32 residuals under autocast (the VL blocks) take the plain path."""
+    dtype = compute_dtype_of(x)
+    if not x.is_cuda or torch.is_grad_enabled() or residual.dtype != dtype:
+        return residual + linear(x)
+    # a copy to update, not the caller's tensor; "+ 0", not clone(): inductor fuses this add into the kernel that
+    # makes the residual (and its norm), where it gave a clone a kernel of its own (Qwen3 on an H100)
+    out = residual + (linear.bias.to(dtype) if linear.bias is not None else 0)
+    _add_matmul_(out, x.to(dtype), linear.weight.to(dtype))
+    return out
+
+
 class GELUProj(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
@@ -386,7 +414,7 @@ class TransformerBlock(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
         x = x + self.attn1(h, kv)
-        return x + self.ff(self.norm3(x))
+        return add_linear(x, self.ff.net[2], self.ff.net[0](self.norm3(x)))
 
 
 class DiT(nn.Module):
@@ -487,11 +515,26 @@ class ValueHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Backbone: transformers' SigLIP and Qwen3, nested so that parameter names are the official ones
 # ---------------------------------------------------------------------------------------------------------------
-class _SiglipMLP(SiglipMLP):
-    """transformers' SigLIP MLP (fc1, gelu_pytorch_tanh, fc2; same parameter names) with the fused fc1 + GELU."""
+class _SiglipEncoderLayer(SiglipEncoderLayer):
+    """transformers' SigLIP encoder layer (same parameter names), its MLP's fc1 + GELU one fused GEMM and its closing
+    residual add the fc2 GEMM's."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_gelu_tanh(self.fc1, hidden_states))
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        attn, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                 **kwargs)
+        hidden_states = hidden_states + attn
+        mlp = self.mlp
+        return add_linear(hidden_states, mlp.fc2, linear_gelu_tanh(mlp.fc1, self.layer_norm2(hidden_states)))
+
+
+class _Qwen3DecoderLayer(Qwen3DecoderLayer):
+    """transformers' Qwen3 decoder layer (same parameter names), its closing residual add the down_proj GEMM's."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = hidden_states + attn
+        mlp, x = self.mlp, self.post_attention_layernorm(hidden_states)
+        return add_linear(hidden_states, mlp.down_proj, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
 class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model.*
@@ -503,8 +546,9 @@ class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model
             patch_size=cfg.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
             vision_use_head=False,  # the attention-pooling head: in the official model, never used by GR00T
             attn_implementation="sdpa"))
-        for layer in self.vision_model.encoder.layers:
-            layer.mlp = _SiglipMLP(layer.mlp.config)
+        layers = self.vision_model.encoder.layers
+        for i, layer in enumerate(layers):
+            layers[i] = _SiglipEncoderLayer(layer.mlp.config)
 
 
 class _LanguageModel(nn.Module):  # backbone.eagle_model.language_model.model.* (lm_head: never computed)
@@ -516,6 +560,9 @@ class _LanguageModel(nn.Module):  # backbone.eagle_model.language_model.model.* 
             num_key_value_heads=cfg.llm_kv_heads, head_dim=cfg.llm_head_dim, rms_norm_eps=1e-6,
             rope_theta=cfg.rope_theta, max_position_embeddings=40960, hidden_act="silu", attention_bias=False,
             tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa"))
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = _Qwen3DecoderLayer(self.model.config, i)
 
 
 class EagleModel(nn.Module):
@@ -725,8 +772,8 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
     eagle, head = model.backbone.eagle_model, model.action_head
-    blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer
-              *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer
+    blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer, subclassed
+              *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer, subclassed
               *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
     # dynamic=True: batch size (rollout, minibatches) and prompt length vary, so trace sizes symbolically from the
     # first call rather than compiling each block once per size. What still recompiles is discrete: block variant

@@ -1,6 +1,7 @@
 """GR00T N1.5 policy (CPU, the gr00t-tiny preset): checkpoint layout, Flow-SDE log-probs, determinism, gradients."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,7 +17,11 @@ from models.gr00t import (
     Gr00tModel,
     Gr00tPolicy,
     TransformerBlock,
+    _add_matmul_,
     _build_skeleton,
+    _Qwen3DecoderLayer,
+    _SiglipEncoderLayer,
+    add_linear,
     linear_gelu_tanh,
     use_one_pass_row_norms,
 )
@@ -515,6 +520,52 @@ def test_cross_attention_kv_cast_the_vl_tokens_once(policy, params):
             torch.testing.assert_close((k, v), blk.attn1.kv(vl), rtol=0, atol=0)
 
 
+def test_backbone_layers_compute_what_transformers_layers_do(policy, params):
+    """The SigLIP and Qwen3 layer subclasses (fused MLP input, closing add in the GEMM on CUDA) give transformers'
+    own layers' result with the same weights, on the CPU exactly, with or without autograd."""
+    cfg, backbone = policy.cfg, reference_model(policy, params).backbone.eagle_model
+    ours = [backbone.vision_model.vision_model.encoder.layers[0], backbone.language_model.model.layers[0]]
+    theirs = [SiglipEncoderLayer(ours[0].mlp.config), Qwen3DecoderLayer(ours[1].self_attn.config, 0)]
+    for a, b in zip(ours, theirs):
+        assert type(a).__mro__[1] is type(b)
+        b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, 9, cfg.vision_hidden)
+    h = torch.randn(2, 9, cfg.llm_hidden)
+    rope = backbone.language_model.model.rotary_emb(h, torch.arange(9)[None])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(ours[0](x, None), theirs[0](x, None))
+            assert torch.equal(ours[1](h, position_embeddings=rope, attention_mask=None),
+                               theirs[1](h, position_embeddings=rope, attention_mask=None))
+
+
+def test_add_matmul_updates_the_residual_buffer_in_place_in_compiled_code():
+    """add_linear's CUDA path (a block's residual + bias, then the GEMM accumulating into it), compiled here on the
+    CPU: inductor writes residual + bias from the kernel that makes the residual, and the GEMM updates that buffer
+    in place (no copy of it), with the plain result."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    fc1, fc2, norm = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64), torch.nn.LayerNorm(64)
+
+    def block(x, attn):
+        h = x + attn
+        out = h + fc2.bias
+        _add_matmul_(out, torch.relu(fc1(norm(h))), fc2.weight)
+        return out
+
+    x, attn = torch.randn(2, 8, 5, 64).unbind(0)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(block, dynamic=True), x, attn)
+        ref = (x + attn) + fc2(torch.relu(fc1(norm(x + attn))))
+    torch.testing.assert_close(out, ref)
+    call = codes[-1][codes[-1].index("def call"):]
+    updated = re.search(r"add_matmul_\.default\((buf\d+),", call).group(1)
+    assert re.search(rf"return \({updated}, \)", call) and "clone" not in call and "copy_" not in call
+    torch._dynamo.reset()
+
+
 # -- regional torch.compile -------------------------------------------------------------------------------------
 def test_compile_compiles_the_blocks_and_changes_no_result(policy, params, monkeypatch):
     """compile=True compiles each repeated block in place (inductor, CPU here): sample, evaluate and gradients as
@@ -525,15 +576,15 @@ def test_compile_compiles_the_blocks_and_changes_no_result(policy, params, monke
     blocks = [m for m in compiled.model.modules() if m._compiled_call_impl is not None]
     c = policy.cfg
     assert len(blocks) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers + 3  # + the three norms
-    assert {type(b) for b in blocks} == {SiglipEncoderLayer, Qwen3DecoderLayer, TransformerBlock, torch.nn.LayerNorm,
-                                         Qwen3RMSNorm}
+    assert {type(b) for b in blocks} == {_SiglipEncoderLayer, _Qwen3DecoderLayer, TransformerBlock,
+                                         torch.nn.LayerNorm, Qwen3RMSNorm}
 
     def graphs():
         return counters["stats"]["unique_graphs"]
 
     def assert_same(a, b):
         for k in b:
-            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
     def evaluate(pol, p, batch):
         for t in p.values():
@@ -627,6 +678,69 @@ def test_cuda_fused_linear_gelu_equals_linear_then_gelu_tanh(autocast):
     torch.testing.assert_close(fused, plain, atol=tol, rtol=tol)
     trained.sum().backward()
     assert linear.weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_add_linear_accumulates_into_a_copy_of_the_residual(bias, compiled):
+    """Without autograd on CUDA, add_linear is residual + linear(x) to bf16 rounding (the GEMM adds the residual),
+    eager or compiled, and leaves the caller's residual as it was; with autograd it is the plain path."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=bias).cuda()
+    if bias:
+        torch.nn.init.normal_(linear.bias)
+    x, residual = torch.randn(3, 50, 256, device="cuda"), torch.randn(3, 50, 64, device="cuda", dtype=torch.bfloat16)
+    kept = residual.clone()
+    fn = torch.compile(add_linear, dynamic=True) if compiled else add_linear
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            out = fn(residual, linear, x)
+            plain = residual + linear(x)
+        trained = fn(residual, linear, x)
+    exact = residual.double() + torch.nn.functional.linear(x.bfloat16().double(), linear.weight.bfloat16().double(),
+                                                           linear.bias.bfloat16().double() if bias else None)
+    assert torch.equal(residual, kept) and out.dtype == torch.bfloat16 and out.shape == (3, 50, 64)
+    # values up to ~5: bf16's spacing there is 2**-5; both paths round the GEMM's and the sum's result
+    torch.testing.assert_close(out.double(), exact, atol=2 ** -5, rtol=0)
+    torch.testing.assert_close(out, plain, atol=2 ** -5, rtol=0)
+    trained.float().sum().backward()
+    assert linear.weight.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_sample_in_fp32_matches_the_cpu(monkeypatch):
+    """The CUDA paths of `sample` (fused GEMM epilogues, closing adds in the GEMMs, compiled blocks), in fp32, give
+    the CPU's eager result. The backbone features differ by up to 5e-3 (of values up to 4) on the plain path too:
+    eager CUDA without the fused paths gave the same difference on an H100."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch-embedding conv: true fp32
+    cfg, meta = Gr00tConfig.preset("gr00t-tiny"), make_metadata()
+    cpu = Gr00tPolicy(cfg, metadata=meta)
+    cuda = Gr00tPolicy(cfg, "cuda", metadata=meta, compute_dtype=torch.float32, compile=True)
+    params, obs = cpu.init(seed=0), make_obs(3, seed=1)
+    ref = cpu.sample(params, obs, INSTRUCTION, gen(3))
+    got = cuda.sample({k: v.cuda() for k, v in params.items()}, obs, INSTRUCTION, gen(3))
+    for k in ref:
+        atol = 1e-2 if k == "backbone_features" else 1e-4
+        torch.testing.assert_close(got[k].cpu(), ref[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_graphed_sample_in_bf16_matches_eager():
+    """Compiled blocks in a CUDA graph, in bf16, act as eager does: with the training params (fp32 trainable action
+    head, so the DiT's residuals are fp32 and take the plain path, as in a rollout) and the bf16 inference params.
+    The backbone features (values up to 4, where bf16's spacing is 2**-5) may differ by a few roundings."""
+    cfg, meta = Gr00tConfig.preset("gr00t-tiny"), make_metadata()
+    eager = Gr00tPolicy(cfg, "cuda", metadata=meta)
+    fast = Gr00tPolicy(cfg, "cuda", metadata=meta, compile=True, cuda_graphs=True)
+    params, obs = eager.init(seed=0), make_obs(3, seed=1)
+    for p in (params, eager.inference_params(params)):
+        ref = eager.sample(p, obs, INSTRUCTION, gen(3))
+        got = fast.sample(p, obs, INSTRUCTION, gen(3))
+        for k in ref:
+            atol = 2 ** -3 if k == "backbone_features" else 2e-3
+            torch.testing.assert_close(got[k].float(), ref[k].float(), atol=atol, rtol=1e-2,
+                                       msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
