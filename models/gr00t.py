@@ -19,7 +19,9 @@ The architecture of Isaac-GR00T 1259d624 (`gr00t/model`), re-implemented:
 Efficiency: the frozen backbone runs once per observation; its features are returned by `sample` and reused by
 `evaluate` (no second backbone pass in training); the cross-attention K/V of the VL tokens are computed once per
 call and shared by every denoising step; no LLM logits are computed; bf16 autocast on GPU; optional CUDA graphs
-and regional torch.compile (each repeated transformer block compiled once per block class, the rest eager).
+and regional torch.compile (each repeated transformer block compiled once per block class, the rest eager). On
+CUDA, `sample` runs each MLP's input GEMM with its bias + GELU epilogue and puts each block's closing residual add
+into its last GEMM (linear_gelu_tanh, add_linear); training keeps the plain ops, which have a backward.
 """
 
 from __future__ import annotations
@@ -345,7 +347,7 @@ def _add_matmul_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> No
 
 
 @_add_matmul_.register_fake
-def _(out, x, weight) -> None:
+def _add_matmul_fake(out, x, weight) -> None:  # shapes for tracing: nothing to return
     return None
 
 
@@ -765,7 +767,8 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     Compiling all of `sample` made one graph of every layer, the DiT unrolled over the denoising steps (the 3B model
     did not finish compiling in 290 s on an H100). One graph per stack of blocks (all SigLIP layers, all Qwen3
     layers, ...) would fuse each block's closing residual add into the next block's norm, but on an H100 it was
-    slower (292 against 304 samples/s at batch 64) and took 5x the warm-up. Dynamo inlines nn modules and takes
+    slower (292 against 304 samples/s at batch 64) and took 5x the warm-up; `add_linear` now puts that add into
+    the block's last GEMM instead. Dynamo inlines nn modules and takes
     their parameters as graph inputs, so blocks of one class share one compiled code and read the params dict
     that functional_call swaps in.
     """
