@@ -768,9 +768,8 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
     did not finish compiling in 290 s on an H100). One graph per stack of blocks (all SigLIP layers, all Qwen3
     layers, ...) would fuse each block's closing residual add into the next block's norm, but on an H100 it was
     slower (292 against 304 samples/s at batch 64) and took 5x the warm-up; `add_linear` now puts that add into
-    the block's last GEMM instead. Dynamo inlines nn modules and takes
-    their parameters as graph inputs, so blocks of one class share one compiled code and read the params dict
-    that functional_call swaps in.
+    the block's last GEMM instead. Dynamo inlines nn modules and takes their parameters as graph inputs, so blocks
+    of one class share one compiled code and read the params dict that functional_call swaps in.
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
