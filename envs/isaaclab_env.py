@@ -217,7 +217,7 @@ class IsaacLabEnv:
         }
         self.episode_return.masked_fill_(done, 0.0)
         self.episode_length.masked_fill_(done, 0)
-        return self.spec.observe(obs), reward, terminated.clone(), truncated.clone(), info
+        return self._check_observations(self.spec.observe(obs)), reward, terminated.clone(), truncated.clone(), info
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that decides this env's future observations and rewards, as a flat dict of tensors: the
@@ -290,6 +290,16 @@ class IsaacLabEnv:
         self.reset_keys[ids] = keys
         self._next_keys[ids] = self._draw_keys(len(ids))
         return keys
+
+    def _check_observations(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Refuse non-finite observations: where the physics diverged, NaN would reach the policy and, through the
+        rollout's values, the update; and the action check would then blame the policy."""
+        for key, value in obs.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                bad = (~torch.isfinite(value)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+                raise FloatingPointError(f"the simulation returned non-finite observations ({key!r}) for envs "
+                                         f"{bad[:8]}: its physics diverged there")
+        return obs
 
     def _check_actions(self, actions: torch.Tensor) -> torch.Tensor:
         if not isinstance(actions, torch.Tensor):

@@ -158,6 +158,20 @@ def test_bad_actions_are_rejected(env):
         env.reset(reset_keys=torch.tensor([1, 2, 3]))
 
 
+def test_non_finite_observations_are_an_error_naming_the_envs(env, monkeypatch):
+    observe = env.spec.observe
+
+    def diverged(obs):
+        out = observe(obs)
+        out["state"][1, 3] = float("inf")
+        return out
+
+    env.reset(seed=8)
+    monkeypatch.setattr(env.spec, "observe", diverged)
+    with pytest.raises(FloatingPointError, match=r"non-finite observations \('state'\) for envs \[1\]"):
+        env.step(torch.zeros(2, 7))
+
+
 def test_unknown_task_names_close_matches():
     with pytest.raises(ValueError, match="Did you mean: .*IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"):
         resolve_task("IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotr")

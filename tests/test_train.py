@@ -232,7 +232,8 @@ def test_sampled_and_recomputed_logprobs_agree_in_fp32(tmp_path, monkeypatch, al
 
 
 def test_compile_flag_compiles_the_gr00t_blocks(tmp_path):
-    """--compile reaches GR00T, random init or checkpoint: its repeated blocks are compiled (lazily, at first call)."""
+    """--compile reaches GR00T, random init or checkpoint: its repeated blocks and its three glue norms are compiled
+    (lazily, at first call)."""
     from algos import common
 
     def compiled_blocks(policy) -> int:
@@ -243,7 +244,7 @@ def test_compile_flag_compiles_the_gr00t_blocks(tmp_path):
     env = ToyCameraEnv(cfg.env)
     policy, params, _ = common.make_policy(cfg, env, torch.device("cpu"))
     c = policy.cfg
-    assert compiled_blocks(policy) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers
+    assert compiled_blocks(policy) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers + 3
     policy.save(params, str(tmp_path / "ckpt"))
     from_checkpoint = train_script.parse(["ppo", *flags, "--compile", "--policy", str(tmp_path / "ckpt")])
     loaded, _, _ = common.make_policy(from_checkpoint, env, torch.device("cpu"))
