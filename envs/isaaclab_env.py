@@ -295,10 +295,9 @@ class IsaacLabEnv:
         """Refuse non-finite observations: where the physics diverged, NaN would reach the policy and, through the
         rollout's values, the update; and the action check would then blame the policy."""
         for key, value in obs.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                bad = (~torch.isfinite(value)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+            if value.is_floating_point() and (bad := _non_finite_rows(value)):
                 raise FloatingPointError(f"the simulation returned non-finite observations ({key!r}) for envs "
-                                         f"{bad[:8]}: its physics diverged there")
+                                         f"{bad}: its physics diverged there")
         return obs
 
     def _check_actions(self, actions: torch.Tensor) -> torch.Tensor:
@@ -312,7 +311,12 @@ class IsaacLabEnv:
         if actions.dtype != torch.float32:
             raise TypeError(f"actions must be float32, got {actions.dtype}")
         actions = actions.to(self.device)
-        if not torch.isfinite(actions).all():
-            bad = (~torch.isfinite(actions)).any(dim=1).nonzero().flatten().tolist()
-            raise ValueError(f"actions contain NaN or inf (envs {bad[:8]})")
+        if bad := _non_finite_rows(actions):
+            raise ValueError(f"actions contain NaN or inf (envs {bad})")
         return actions
+
+
+def _non_finite_rows(x: torch.Tensor) -> list[int]:
+    """The first 8 rows (envs) of x that hold a NaN or inf; empty when x is finite (one device sync then)."""
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    return bad.nonzero().flatten()[:8].tolist() if bad.any() else []
