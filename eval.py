@@ -20,7 +20,12 @@ import numpy as np
 import torch
 import tyro
 
-from algos import common, grpo, ppo, sft
+from algos import grpo, ppo, sft
+from algos.checkpoint import find_checkpoint, load_params_into
+from algos.config import ConfigError, RLConfig, config_from_dict
+from algos.distributed import setup_distributed
+from algos.run import Spaces, make_rl_policy, uses_bf16
+from envs.config import EnvConfig
 
 CONFIGS = {"ppo": ppo.PPOConfig, "grpo": grpo.GRPOConfig, "sft": sft.SFTConfig}
 
@@ -32,7 +37,7 @@ class EvalConfig:
     num_episodes: int = 10
     """Episodes to evaluate (spread evenly over the envs)."""
     num_envs: int | None = None
-    """Parallel envs. None: min(--num-episodes, the training run's envs per rank)."""
+    """Parallel envs. None: min(--num-episodes, the training run's envs per rank; 2 for an SFT run)."""
     deterministic: bool = True
     """Act with the policy's deterministic action (e.g. the Gaussian mean) instead of sampling."""
     seed: int = 12345
@@ -68,28 +73,35 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
     try:
         imageio.mimwrite(path, frames, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
     except (ImportError, ValueError) as e:  # imageio without its ffmpeg plugin
-        raise common.ConfigError(f"cannot write {path}: {e} (pip install imageio-ffmpeg, or --num-videos 0)") from e
+        raise ConfigError(f"cannot write {path}: {e} (pip install imageio-ffmpeg, or --num-videos 0)") from e
 
 
 @torch.no_grad()
 def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     if cfg.num_episodes < 1:
-        raise common.ConfigError(f"--num-episodes must be >= 1, got {cfg.num_episodes}")
-    ckpt = common.find_checkpoint(cfg.checkpoint)
+        raise ConfigError(f"--num-episodes must be >= 1, got {cfg.num_episodes}")
+    ckpt = find_checkpoint(cfg.checkpoint)
     state = json.loads((ckpt / "state.json").read_text())
-    train_cfg = common.config_from_dict(CONFIGS[state["algo"]], state["config"])
-    _, _, device = common.setup_distributed(cfg.device)
-    per_rank = train_cfg.env.num_envs // state["world_size"]
-    num_envs = cfg.num_envs or min(cfg.num_episodes, per_rank)
-    env_cfg = dataclasses.replace(train_cfg.env, num_envs=num_envs, device=str(device))
+    train_cfg = config_from_dict(CONFIGS[state["algo"]], state["config"])
+    _, _, device = setup_distributed(cfg.device)
+    # an RL run's envs per rank; an SFT run stepped none (its --env names the task of its demonstrations)
+    rl = isinstance(train_cfg, RLConfig)
+    train_envs = train_cfg.env.num_envs // state["world_size"] if rl else EnvConfig.num_envs
+    num_envs = cfg.num_envs or min(cfg.num_episodes, train_envs)
+    env_cfg = EnvConfig(**dataclasses.asdict(train_cfg.env))  # an SFT run's TaskConfig, or an RL run's EnvConfig
+    env_cfg = dataclasses.replace(env_cfg, num_envs=num_envs, device=str(device))
     if cfg.max_episode_steps is not None:
         env_cfg = dataclasses.replace(env_cfg, max_episode_steps=cfg.max_episode_steps)
     if make_env is None:
         from envs import make_env
     env = make_env(env_cfg)
-    bf16 = train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
-    policy, params, _ = common.make_policy(train_cfg, env, device, bf16, state["policy"]["base"])
-    common.load_params_into(ckpt, policy, params)
+    bf16 = uses_bf16(train_cfg.precision, device)
+    base = state["policy"]["base"]
+    if rl:
+        policy, params, _ = make_rl_policy(train_cfg, env, device, bf16, base)
+    else:
+        policy, params, _ = sft.make_sft_policy(train_cfg, Spaces.of(env), device, bf16, base)
+    load_params_into(ckpt, params)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out_dir = Path(cfg.output) if cfg.output else ckpt.parent.parent / "eval" / ckpt.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = tyro.cli(EvalConfig, args=sys.argv[1:] if argv is None else argv, description=__doc__)
     try:
         return evaluate(cfg)
-    except common.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

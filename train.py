@@ -20,7 +20,9 @@ from typing import Annotated, Union
 
 import tyro
 
-from algos import common, grpo, ppo, sft
+from algos import grpo, ppo, sft
+from algos.checkpoint import find_checkpoint
+from algos.config import ConfigError, RunConfig, config_from_dict
 
 ALGOS = {"ppo": (ppo.PPOConfig, ppo.train), "grpo": (grpo.GRPOConfig, grpo.train), "sft": (sft.SFTConfig, sft.train)}
 
@@ -34,16 +36,16 @@ def _resume_arg(argv: list[str]) -> str | None:
     return None
 
 
-def parse(argv: list[str]) -> common.RunConfig:
+def parse(argv: list[str]) -> RunConfig:
     """Flags -> the algorithm's config. Resuming makes the checkpoint's config the default."""
     defaults = {name: cls() for name, (cls, _) in ALGOS.items()}
     resume = _resume_arg(argv)
     if resume:
-        state = json.loads((common.find_checkpoint(resume) / "state.json").read_text())
+        state = json.loads((find_checkpoint(resume) / "state.json").read_text())
         cls = ALGOS[state["algo"]][0]
-        defaults[state["algo"]] = common.config_from_dict(cls, state["config"])
+        defaults[state["algo"]] = config_from_dict(cls, state["config"])
         if argv and argv[0] in ALGOS and argv[0] != state["algo"]:
-            raise common.ConfigError(f"--resume {resume} is a {state['algo']} run, not {argv[0]}")
+            raise ConfigError(f"--resume {resume} is a {state['algo']} run, not {argv[0]}")
     union = Union[tuple(Annotated[cls, tyro.conf.subcommand(name, default=defaults[name])]  # type: ignore[misc]
                         for name, (cls, _) in ALGOS.items())]
     return tyro.cli(union, args=argv, description=__doc__)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = parse(argv)
         algo = next(name for name, (cls, _) in ALGOS.items() if type(cfg) is cls)
         return ALGOS[algo][1](cfg)
-    except common.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -19,12 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-from algos import common
-from algos.ppo import clipped_policy_loss
+from algos import checkpoint
+from algos.config import ConfigError, RLConfig, check_positive, check_rl_config
+from algos.distributed import all_reduce_sum
+from algos.ppo import clipped_policy_loss, minibatch_indices
+from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
+from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_params,
+                       optimizer_step, out_of_time, perf_metrics, progress, rank_env_config, show, start_run, timestamp)
+from models.policy import Params, Policy
 
 
 @dataclass
-class GRPOConfig(common.RunConfig):
+class GRPOConfig(RLConfig):
     group_size: int = 2
     """G: envs per group; they start from identical states. Must divide --env.num-envs per DDP rank."""
     max_decisions: int | None = None
@@ -89,17 +95,17 @@ def group_reset_keys(seed: int, iteration: int, rank: int, world_size: int, num_
 # ------------------------------------------------------------------------------------------------------------------
 # The update (side effects: the optimizer) and the training loop.
 # ------------------------------------------------------------------------------------------------------------------
-def update(cfg: GRPOConfig, policy, params, optimizer: torch.optim.Optimizer, rows: dict[str, torch.Tensor],
-           run: common.Run) -> dict[str, float]:
+def update(cfg: GRPOConfig, policy: Policy, params: Params, optimizer: torch.optim.Optimizer,
+           rows: dict[str, torch.Tensor], run: Run) -> dict[str, float]:
     """`update_epochs` passes of minibatch AdamW steps of the clipped surrogate over `rows` (this rank's kept
     decisions). Every rank takes the same number of steps; a rank with no rows in a minibatch contributes zero."""
     num_rows = rows["advantages"].shape[0]
     totals: dict[str, list[torch.Tensor]] = {}
     for _ in range(cfg.update_epochs):
-        for idx in common.minibatch_indices(num_rows, cfg.num_minibatches, run.generator):
+        for idx in minibatch_indices(num_rows, cfg.num_minibatches, run.generator):
             if idx.numel() == 0:
-                loss = sum((p * 0).sum() for p in common.optimizer_params(optimizer))
-                common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
+                loss = sum((p * 0).sum() for p in optimizer_params(optimizer))
+                optimizer_step(optimizer, loss, cfg.max_grad_norm)
                 continue
             mb = {k: v[idx] for k, v in rows.items()}
             with run.autocast():
@@ -108,7 +114,7 @@ def update(cfg: GRPOConfig, policy, params, optimizer: torch.optim.Optimizer, ro
                                                  cfg.clip_coef, cfg.dual_clip)
             entropy = entropy.float().mean() if entropy is not None else torch.zeros((), device=run.device)
             loss = pg_loss - cfg.ent_coef * entropy
-            grad_norm = common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
+            grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
             for k, v in {"actor/loss": loss, "actor/entropy": entropy, "actor/grad_norm": grad_norm,
                          "actor/approx_kl": stats["approx_kl"], "actor/pg_clipfrac": stats["clipfrac"]}.items():
                 totals.setdefault(k, []).append(v.detach().float())
@@ -116,24 +122,22 @@ def update(cfg: GRPOConfig, policy, params, optimizer: torch.optim.Optimizer, ro
     keys = ["actor/loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "actor/pg_clipfrac"]
     local = torch.stack([torch.stack(totals[k]).sum() if k in totals else torch.zeros((), device=run.device)
                          for k in keys] + [torch.tensor(float(len(totals.get(keys[0], []))), device=run.device)])
-    local = common.all_reduce_sum(local)
+    local = all_reduce_sum(local)
     return {k: (local[i] / local[-1]).item() if local[-1] > 0 else math.nan for i, k in enumerate(keys)}
 
 
 def check_config(cfg: GRPOConfig) -> None:
-    common.check_run_config(cfg)
-    for name in ("group_size", "update_epochs", "num_minibatches"):
-        if getattr(cfg, name) < 1:
-            raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    check_rl_config(cfg)
+    check_positive(cfg, "group_size", "update_epochs", "num_minibatches")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if (cfg.env.num_envs // world_size) % cfg.group_size:
-        raise common.ConfigError(
+        raise ConfigError(
             f"--env.num-envs {cfg.env.num_envs} over {world_size} rank(s) gives {cfg.env.num_envs // world_size} "
             f"envs per rank, not divisible by --group-size {cfg.group_size} (groups must not straddle ranks)")
     if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-        raise common.ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
+        raise ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
     if cfg.max_decisions is not None and cfg.max_decisions < 1:
-        raise common.ConfigError(f"--max-decisions must be >= 1, got {cfg.max_decisions}")
+        raise ConfigError(f"--max-decisions must be >= 1, got {cfg.max_decisions}")
 
 
 def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
@@ -141,27 +145,27 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
     check_config(cfg)
     if make_env is None:
         from envs import make_env
-    run = common.start_run(cfg, "grpo")
-    env = make_env(common.rank_env_config(cfg.env, run))
-    policy, params, base = common.make_policy(cfg, env, run.device, run.bf16, common.checkpoint_base(cfg.resume))
-    optimizer = common.make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
+    run = start_run(cfg, "grpo", cfg.env.device)
+    env = make_env(rank_env_config(cfg.env, run))
+    policy, params, base = make_rl_policy(cfg, env, run.device, run.bf16, checkpoint.checkpoint_base(cfg.resume))
+    optimizer = make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
     start, global_step = 0, 0
     if cfg.resume:  # every iteration starts from a reset, so no env state needs restoring
-        meta, _ = common.load_checkpoint(run, cfg.resume, policy, params, optimizer)
+        meta, _ = checkpoint.load_checkpoint(run, cfg.resume, policy, params, optimizer)
         start, global_step = meta["iteration"], meta["global_step"]
     success_seen = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
 
     history, steps_here, t_start = [], 0, time.perf_counter()
-    bar = common.progress(run, start, cfg.num_iterations)
+    bar = progress(run, start, cfg.num_iterations)
     for iteration in bar:
         # 1. Rollout: groups start identically; play until every env has ended its first episode.
-        t_rollout = common.timestamp(run)
+        t_rollout = timestamp(run)
         keys = group_reset_keys(cfg.seed, iteration, run.rank, run.world_size, env.num_envs, cfg.group_size)
-        obs = env.reset(seed=common.env_seed(cfg.seed + iteration, run.rank), reset_keys=keys.to(run.device))
+        obs = env.reset(seed=env_seed(cfg.seed + iteration, run.rank), reset_keys=keys.to(run.device))
         success_seen.zero_()
         num_decisions = cfg.max_decisions or env.max_episode_steps  # the time limit ends every episode by then
-        batch, obs, episodes, env_steps = common.collect_rollout(env, policy, params, obs, num_decisions, run,
-                                                                 success_seen, stop_when_all_done=True)
+        batch, obs, episodes, env_steps = collect_rollout(env, policy, params, obs, num_decisions, run, success_seen,
+                                                          stop_when_all_done=True)
 
         # 2. Group-relative advantages of each env's first episode, broadcast to its decisions.
         in_episode = first_episode_mask(batch["terminated"] | batch["truncated"])
@@ -175,40 +179,39 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         rows["advantages"] = advantages.expand_as(mask)[mask]
         logprob_gap = None
         if cfg.recompute_logprob:
-            rows["logprob"], logprob_gap = common.recompute_logprob(policy, params, rows, cfg.num_minibatches, run)
+            rows["logprob"], logprob_gap = recompute_logprob(policy, params, rows, cfg.num_minibatches, run)
 
         # 3. Update.
-        t_update = common.timestamp(run)
+        t_update = timestamp(run)
         metrics = update(cfg, policy, params, optimizer, rows, run)
-        if hasattr(policy, "update_normalizer") and "state" in batch:
-            policy.update_normalizer(params, batch["state"][in_episode], common.all_reduce_sum)
-        t_done = common.timestamp(run)
+        policy.update_normalizer(params, batch["state"][in_episode], all_reduce_sum)
+        t_done = timestamp(run)
 
         # 4. Log and checkpoint.
-        env_steps = int(common.all_reduce_sum(torch.tensor(float(env_steps), device=run.device)).item())
+        env_steps = int(all_reduce_sum(torch.tensor(float(env_steps), device=run.device)).item())
         global_step += env_steps
         steps_here += env_steps
-        sums = common.all_reduce_sum(torch.stack([returns.sum(), success.float().sum(), keep.float().sum(),
+        sums = all_reduce_sum(torch.stack([returns.sum(), success.float().sum(), keep.float().sum(),
                                                   (advantages * keep).sum(), mask.float().sum()]).double())
         n = env.num_envs * run.world_size
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/success_rate": sums[1].item() / n,
                     "rollout/groups_kept": sums[2].item() / n,
                     "rollout/advantages_mean": sums[3].item() / max(sums[2].item(), 1),
                     "rollout/decisions": sums[4].item(), **episodes.metrics(),
-                    **common.logprob_gap_metric(logprob_gap, run),
+                    **logprob_gap_metric(logprob_gap, run),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,
-                    **common.perf_metrics(run, t_rollout, t_update, t_done)}
+                    **perf_metrics(run, t_rollout, t_update, t_done)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)
-        common.show(bar, metrics)
-        stop = common.out_of_time(run, t_start)
-        if common.checkpoint_due(run, iteration + 1) or stop:
-            common.save_checkpoint(run, iteration + 1, {"global_step": global_step}, policy, params, base, optimizer,
-                                   {})
+        show(run, bar, metrics)
+        stop = out_of_time(run, t_start)
+        if checkpoint_due(run, iteration + 1) or stop:
+            checkpoint.save_checkpoint(run, iteration + 1, {"global_step": global_step}, policy, params, base,
+                                       optimizer, {})
         if stop:
             break
     env.close()
-    common.finish_run(run)
+    finish_run(run)
     return {"params": params, "history": history, "run_dir": run.run_dir}

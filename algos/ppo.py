@@ -12,7 +12,8 @@ the MLP line uses rsl_rl's Cartpole settings (benchmarks/ppo_vs_rsl_rl.py maps a
 The algorithm is the pure functions below (`gae`, `normalize`, `clipped_policy_loss`, `value_loss`,
 `adaptive_lr`); `train(cfg)` is the loop and the only place with side effects. A decision executes an action
 chunk of T env steps (T = 1 for the MLP): rewards are summed over the chunk and a chunk is done if any of its
-steps ended the episode, so GAE runs over decisions with one discount per decision.
+steps ended the episode, so GAE runs over decisions with one discount per decision (`algos/rollout.py` defines
+what a rollout holds).
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from algos import common
+from algos import checkpoint
+from algos.config import ConfigError, RLConfig, check_positive, check_rl_config
+from algos.distributed import all_reduce_sum
+from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
+from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_step,
+                       out_of_time, perf_metrics, progress, rank_env_config, show, start_run, timestamp)
+from models.policy import Params, Policy
 
 
 @dataclass
-class PPOConfig(common.RunConfig):
+class PPOConfig(RLConfig):
     num_steps: int = 4
     """Decisions per env per rollout (each executes one action chunk of T env steps)."""
     gamma: float = 0.99
@@ -174,6 +181,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return torch.max(losses, clipped).mean(), (clipped > losses).float().mean()
 
 
+def minibatch_indices(num_rows: int, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A fresh random split of `num_rows` rows into `num_minibatches` near-equal index sets (call once per epoch)."""
+    perm = torch.randperm(num_rows, generator=generator, device=generator.device)
+    return list(torch.tensor_split(perm, num_minibatches))
+
+
 def adaptive_lr(lr: float, kl: float, desired_kl: float, low: float = 1e-5, high: float = 1e-2) -> float:
     """rsl_rl's schedule: divide the rate by 1.5 when KL > 2x target, multiply by 1.5 when KL < target/2."""
     if kl > 2.0 * desired_kl:
@@ -186,8 +199,8 @@ def adaptive_lr(lr: float, kl: float, desired_kl: float, low: float = 1e-5, high
 # ------------------------------------------------------------------------------------------------------------------
 # The update (side effects: the optimizer) and the training loop.
 # ------------------------------------------------------------------------------------------------------------------
-def update(cfg: PPOConfig, policy, params, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-           run: common.Run, train_policy: bool = True) -> dict[str, float]:
+def update(cfg: PPOConfig, policy: Policy, params: Params, optimizer: torch.optim.Optimizer,
+           batch: dict[str, torch.Tensor], run: Run, train_policy: bool = True) -> dict[str, float]:
     """`update_epochs` passes of minibatch AdamW steps over `batch` (flat rows, with advantages and returns).
     With `train_policy=False` only the value loss is minimised and the policy's learning rate is 0 (so that weight
     decay does not move it either)."""
@@ -197,7 +210,7 @@ def update(cfg: PPOConfig, policy, params, optimizer: torch.optim.Optimizer, bat
     num_rows = batch["advantages"].shape[0]
     totals: dict[str, list[torch.Tensor]] = {}
     for _ in range(cfg.update_epochs):
-        for idx in common.minibatch_indices(num_rows, cfg.num_minibatches, run.generator):
+        for idx in minibatch_indices(num_rows, cfg.num_minibatches, run.generator):
             mb = {k: v[idx] for k, v in batch.items()}
             with run.autocast():
                 logprob, value, entropy = policy.evaluate(params, mb)
@@ -209,40 +222,38 @@ def update(cfg: PPOConfig, policy, params, optimizer: torch.optim.Optimizer, bat
             entropy = entropy.float().mean() if entropy is not None else torch.zeros((), device=run.device)
             loss = cfg.vf_coef * v_loss + ((pg_loss - cfg.ent_coef * entropy) if train_policy else 0.0)
             if cfg.lr_schedule == "adaptive" and train_policy:  # on this minibatch's KL over ranks (as rsl_rl)
-                kl = (common.all_reduce_sum(pg_stats["approx_kl"]) / run.world_size).item()
+                kl = (all_reduce_sum(pg_stats["approx_kl"]) / run.world_size).item()
                 factor = adaptive_lr(policy_lr, kl, cfg.desired_kl, *cfg.adaptive_lr_bounds) / policy_lr
                 for group in optimizer.param_groups:
                     group["lr"] *= factor
                 policy_lr = optimizer.param_groups[0]["lr"]
-            grad_norm = common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
+            grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
             for k, v in {"actor/loss": loss, "actor/policy_loss": pg_loss, "actor/value_loss": v_loss,
                          "actor/entropy": entropy, "actor/grad_norm": grad_norm,
                          "actor/approx_kl": pg_stats["approx_kl"], "actor/pg_clipfrac": pg_stats["clipfrac"],
                          "actor/value_clip_ratio": v_clip_ratio}.items():
                 totals.setdefault(k, []).append(v.detach().float())
     optimizer.param_groups[0]["lr"] = policy_lr
-    means = common.all_reduce_sum(torch.stack([torch.stack(v).mean() for v in totals.values()])) / run.world_size
+    means = all_reduce_sum(torch.stack([torch.stack(v).mean() for v in totals.values()])) / run.world_size
     return dict(zip(totals, means.tolist()))
 
 
 def check_config(cfg: PPOConfig) -> None:
-    common.check_run_config(cfg)
-    for name in ("num_steps", "update_epochs", "num_minibatches"):
-        if getattr(cfg, name) < 1:
-            raise common.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    check_rl_config(cfg)
+    check_positive(cfg, "num_steps", "update_epochs", "num_minibatches")
     if cfg.num_minibatches > cfg.num_steps * cfg.env.num_envs:
-        raise common.ConfigError(f"--num-minibatches {cfg.num_minibatches} exceeds the rollout's "
+        raise ConfigError(f"--num-minibatches {cfg.num_minibatches} exceeds the rollout's "
                                  f"{cfg.num_steps * cfg.env.num_envs} rows (--num-steps x --env.num-envs)")
     if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-        raise common.ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
+        raise ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
     if cfg.value_warmup_iterations < 0:
-        raise common.ConfigError(f"--value-warmup-iterations must be >= 0, got {cfg.value_warmup_iterations}")
+        raise ConfigError(f"--value-warmup-iterations must be >= 0, got {cfg.value_warmup_iterations}")
     low, high = cfg.adaptive_lr_bounds
     if cfg.lr_schedule == "adaptive" and not 0 < low <= cfg.learning_rate <= high:
-        raise common.ConfigError(f"--learning-rate {cfg.learning_rate:g} is outside --adaptive-lr-bounds "
+        raise ConfigError(f"--learning-rate {cfg.learning_rate:g} is outside --adaptive-lr-bounds "
                                  f"{low:g} {high:g} of the adaptive schedule")
     if not 0 < cfg.clip_coef < 1:
-        raise common.ConfigError(f"--clip-coef must be in (0, 1), got {cfg.clip_coef}")
+        raise ConfigError(f"--clip-coef must be in (0, 1), got {cfg.clip_coef}")
 
 
 def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
@@ -250,34 +261,34 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
     check_config(cfg)
     if make_env is None:
         from envs import make_env
-    run = common.start_run(cfg, "ppo")
-    env = make_env(common.rank_env_config(cfg.env, run))
-    policy, params, base = common.make_policy(cfg, env, run.device, run.bf16, common.checkpoint_base(cfg.resume))
-    optimizer = common.make_optimizer(policy, params, cfg.learning_rate, cfg.value_learning_rate, cfg.weight_decay)
+    run = start_run(cfg, "ppo", cfg.env.device)
+    env = make_env(rank_env_config(cfg.env, run))
+    policy, params, base = make_rl_policy(cfg, env, run.device, run.bf16, checkpoint.checkpoint_base(cfg.resume))
+    optimizer = make_optimizer(policy, params, cfg.learning_rate, cfg.value_learning_rate, cfg.weight_decay)
     start, global_step, restored = 0, 0, None
     if cfg.resume:
-        meta, carry = common.load_checkpoint(run, cfg.resume, policy, params, optimizer)
+        meta, carry = checkpoint.load_checkpoint(run, cfg.resume, policy, params, optimizer)
         start, global_step = meta["iteration"], meta["global_step"]
-        restored = common.restore_carry(env, carry)  # None if the env cannot restore its mid-episode state
+        restored = checkpoint.restore_carry(env, carry)  # None if the checkpoint holds no env state
     if restored is not None:
         obs, success_seen = restored
     else:  # fresh episodes (on resume without env state, seeded by the iteration: not bit-exact)
-        obs = env.reset(seed=common.env_seed(cfg.seed + start, run.rank))
+        obs = env.reset(seed=env_seed(cfg.seed + start, run.rank))
         success_seen = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     history, steps_here, t_start = [], 0, time.perf_counter()
-    bar = common.progress(run, start, cfg.num_iterations)
+    bar = progress(run, start, cfg.num_iterations)
     for iteration in bar:
         if cfg.lr_schedule == "linear":
             for group, lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = lr * (1.0 - iteration / cfg.num_iterations)
 
         # 1. Rollout: num_steps decisions of every env, then the value of where it stopped.
-        t_rollout = common.timestamp(run)
-        batch, obs, episodes, env_steps = common.collect_rollout(env, policy, params, obs, cfg.num_steps, run,
-                                                                 success_seen)
-        next_value = common.policy_value(policy, params, obs, env.instruction, run)
+        t_rollout = timestamp(run)
+        batch, obs, episodes, env_steps = collect_rollout(env, policy, params, obs, cfg.num_steps, run, success_seen)
+        with torch.no_grad(), run.autocast():
+            next_value = policy.value(params, obs, env.instruction).float()
 
         # 2. Advantages over decisions (chunk-level rewards and dones).
         advantages, returns = gae(batch["reward"], batch["value"].float(), next_value, batch["terminated"],
@@ -285,41 +296,40 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
                                   bootstrap_truncations=cfg.bootstrap_time_limits)
         rows = {k: v.flatten(0, 1) for k, v in batch.items()}
         rows["returns"] = returns.flatten()
-        rows["advantages"] = normalize(advantages.flatten(), common.all_reduce_sum) if cfg.norm_adv \
+        rows["advantages"] = normalize(advantages.flatten(), all_reduce_sum) if cfg.norm_adv \
             else advantages.flatten()
         logprob_gap = None
         if cfg.recompute_logprob:
-            rows["logprob"], logprob_gap = common.recompute_logprob(policy, params, rows, cfg.num_minibatches, run)
+            rows["logprob"], logprob_gap = recompute_logprob(policy, params, rows, cfg.num_minibatches, run)
 
         # 3. Update, then fold this rollout into the observation normaliser (used from the next rollout on).
-        t_update = common.timestamp(run)
+        t_update = timestamp(run)
         metrics = update(cfg, policy, params, optimizer, rows, run,
                          train_policy=iteration >= cfg.value_warmup_iterations)
-        if hasattr(policy, "update_normalizer") and "state" in batch:
-            policy.update_normalizer(params, batch["state"], common.all_reduce_sum)
-        t_done = common.timestamp(run)
+        policy.update_normalizer(params, batch["state"], all_reduce_sum)
+        t_done = timestamp(run)
 
         # 4. Log and checkpoint.
         global_step += env_steps * run.world_size
         steps_here += env_steps * run.world_size
-        sums = common.all_reduce_sum(torch.stack([returns.sum(), advantages.sum(), batch["reward"].sum()]).double())
+        sums = all_reduce_sum(torch.stack([returns.sum(), advantages.sum(), batch["reward"].sum()]).double())
         n = returns.numel() * run.world_size
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/advantages_mean": sums[1].item() / n,
                     "rollout/rewards_mean": sums[2].item() / n, **episodes.metrics(),
-                    **common.logprob_gap_metric(logprob_gap, run),
+                    **logprob_gap_metric(logprob_gap, run),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,
-                    **common.perf_metrics(run, t_rollout, t_update, t_done)}
+                    **perf_metrics(run, t_rollout, t_update, t_done)}
         history.append(metrics)
         if run.logger is not None:
             run.logger.log(metrics, global_step)
-        common.show(bar, metrics)
-        stop = common.out_of_time(run, t_start)
-        if common.checkpoint_due(run, iteration + 1) or stop:
-            common.save_checkpoint(run, iteration + 1, {"global_step": global_step}, policy, params, base, optimizer,
-                                   common.carry_state(env, obs, success_seen))
+        show(run, bar, metrics)
+        stop = out_of_time(run, t_start)
+        if checkpoint_due(run, iteration + 1) or stop:
+            checkpoint.save_checkpoint(run, iteration + 1, {"global_step": global_step}, policy, params, base,
+                                       optimizer, checkpoint.carry_state(env, obs, success_seen))
         if stop:
             break
     env.close()
-    common.finish_run(run)
+    finish_run(run)
     return {"params": params, "history": history, "run_dir": run.run_dir}

@@ -17,22 +17,33 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from algos import common
+from algos import checkpoint
+from algos.config import ConfigError, RunConfig, check_run_config
+from algos.distributed import all_reduce_sum
+from algos.run import (Spaces, checkpoint_due, env_metadata, finish_run, make_optimizer, make_policy, optimizer_step,
+                       out_of_time, progress, show, start_run)
+from envs.config import TaskConfig
 from envs.lerobot import LeRobotDataset
+from models.policy import Params, Policy
 
 EXPORT_DIR = "gr00t"
 
 
 @dataclass
-class SFTConfig(common.RunConfig):
+class SFTConfig(RunConfig):
     dataset: str = "data/stack_cube_demos"
     """LeRobot v2 dataset directory (with meta/modality.json)."""
+    env: TaskConfig = field(default_factory=TaskConfig)
+    """The task the demonstrations are of, which eval.py evaluates the model on (`--env.image-size` must be the
+    dataset's)."""
+    device: str = "auto"
+    """`cpu`, `cuda`, `cuda:N`, or `auto` (this rank's GPU if there is one, else CPU)."""
     num_iterations: int = 2
     """Gradient steps in total."""
     batch_size: int = 8
@@ -46,9 +57,9 @@ class SFTConfig(common.RunConfig):
     max_grad_norm: float = 1.0
     """Gradient-norm clipping."""
     tune_visual: bool = False
-    """Train the SIGLIP vision tower too (random-init presets only; checkpoints keep their own flags)."""
+    """Also train the SigLIP vision tower (without it: a preset's stays frozen, a checkpoint keeps its own flag)."""
     tune_llm: bool = False
-    """Train the language model layers too (random-init presets only)."""
+    """Also train the language model layers (without it: a preset's stay frozen, a checkpoint keeps its own flag)."""
     log_every: int = 10
     """Log metrics every this many steps."""
     save_every: int = 500
@@ -73,10 +84,10 @@ class Demonstrations:
     def load(cls, root: str | Path) -> Demonstrations:
         dataset = LeRobotDataset(root)
         if len(dataset) == 0:
-            raise common.ConfigError(f"--dataset {root} has no episodes")
+            raise ConfigError(f"--dataset {root} has no episodes")
         if len(dataset.tasks) != 1:
-            raise common.ConfigError(f"--dataset {root} has {len(dataset.tasks)} task strings; SFT here takes one "
-                                     "instruction per dataset")
+            raise ConfigError(f"--dataset {root} has {len(dataset.tasks)} task strings; SFT here takes one "
+                              "instruction per dataset")
         rgb, state, action, end = [], [], [], []
         for i in range(len(dataset)):
             ep = dataset.episode(i)
@@ -91,6 +102,10 @@ class Demonstrations:
     def __len__(self) -> int:
         return len(self.state)
 
+    def spaces(self, task: str) -> Spaces:
+        """What a policy trained on these frames acts on (`task`: the env they were recorded in)."""
+        return Spaces(task, self.state.shape[1], self.action.shape[1], self.rgb.shape[1], self.rgb.shape[2])
+
     def batch(self, frames: torch.Tensor, horizon: int) -> dict:
         """Frames [B] → {"rgb", "state", "actions" [B, horizon, A], "instruction"}."""
         steps = (frames[:, None] + torch.arange(horizon)).minimum(self.episode_end[frames][:, None])
@@ -98,11 +113,11 @@ class Demonstrations:
                 "instruction": self.instruction}
 
 
-def metadata_from_demos(demos: Demonstrations, embodiment_tag: str) -> dict:
+def metadata_from_demos(demos: Demonstrations, embodiment_tag: str = "new_embodiment") -> dict:
     """GR00T normalisation metadata from the demonstrations' statistics, in the env-vector layout of
-    `common.env_metadata`."""
+    `algos.run.env_metadata`."""
     height, width = demos.rgb.shape[2:4]
-    return common.env_metadata(demos.state, demos.action, (width, height), demos.rgb.shape[1], embodiment_tag)
+    return env_metadata(demos.state, demos.action, (width, height), demos.rgb.shape[1], embodiment_tag)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> float:
@@ -114,51 +129,42 @@ def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> fl
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_policy(cfg: SFTConfig, demos: Demonstrations, device: torch.device, bf16: bool, base: dict | None):
-    """A GR00T preset (random init, metadata from the demonstrations) or a checkpoint (its own metadata)."""
-    from models.gr00t import PRESETS, Gr00tConfig, Gr00tPolicy
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if cfg.policy == "mlp":
-        raise common.ConfigError("sft trains GR00T: --policy must be a GR00T preset or checkpoint, not mlp")
-    if cfg.policy in PRESETS:
-        gr00t_cfg = Gr00tConfig.preset(cfg.policy, num_views=demos.rgb.shape[1], tune_visual=cfg.tune_visual,
-                                       tune_llm=cfg.tune_llm)
-        metadata = (base or {}).get("metadata") or metadata_from_demos(demos, gr00t_cfg.embodiment_tag)
-        policy = Gr00tPolicy(gr00t_cfg, device, metadata, compute_dtype=dtype)
-        return policy, policy.init(cfg.seed), {"policy": cfg.policy, "init_seed": cfg.seed, "metadata": metadata,
-                                               "tune_visual": cfg.tune_visual, "tune_llm": cfg.tune_llm}
-    policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype)
-    return policy, params, {"policy": "gr00t", "checkpoint": cfg.policy}
+def make_sft_policy(cfg: SFTConfig, spaces: Spaces, device: torch.device, bf16: bool, base: dict | None = None,
+                    metadata: dict | None = None) -> tuple[Policy, Params, dict]:
+    """A GR00T preset (random init; `metadata` from the demonstrations) or checkpoint (its own metadata), with the
+    parts that --tune-visual / --tune-llm add to the trained ones."""
+    also_trained = {name: True for name, on in (("tune_visual", cfg.tune_visual), ("tune_llm", cfg.tune_llm)) if on}
+    return make_policy(cfg, spaces, device, bf16, base, metadata=metadata, gr00t_overrides=also_trained)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------------------------
 def check_config(cfg: SFTConfig) -> None:
-    common.check_run_config(cfg)
+    check_run_config(cfg)
     if cfg.batch_size < 1:
-        raise common.ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if not (0.0 <= cfg.warmup_ratio < 1.0):
-        raise common.ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if not Path(cfg.dataset).is_dir():
-        raise common.ConfigError(f"--dataset {cfg.dataset} is not a directory (record one with "
-                                 "`python -m envs.record_demos --out {cfg.dataset}`)")
+        raise ConfigError(f"--dataset {cfg.dataset} is not a directory (record one with "
+                          f"`python -m envs.record_demos --out {cfg.dataset}`)")
 
 
 def train(cfg: SFTConfig) -> dict:
     check_config(cfg)
-    run = common.start_run(cfg, "sft")
+    run = start_run(cfg, "sft", cfg.device)
     demos = Demonstrations.load(cfg.dataset)
     height, width = demos.rgb.shape[2:4]
     if (height, width) != (cfg.env.image_size, cfg.env.image_size):  # eval.py and RL build the env from cfg.env
-        raise common.ConfigError(f"--dataset {cfg.dataset} has {width}x{height} views but --env.image-size is "
-                                 f"{cfg.env.image_size}; pass --env.image-size {height}")
-    policy, params, base = make_policy(cfg, demos, run.device, run.bf16, common.checkpoint_base(cfg.resume))
-    optimizer = common.make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
+        raise ConfigError(f"--dataset {cfg.dataset} has {width}x{height} views but --env.image-size is "
+                          f"{cfg.env.image_size}; pass --env.image-size {height}")
+    policy, params, base = make_sft_policy(cfg, demos.spaces(cfg.env.task), run.device, run.bf16,
+                                           checkpoint.checkpoint_base(cfg.resume), metadata_from_demos(demos))
+    optimizer = make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
     start = 0
     if cfg.resume:
-        meta, _ = common.load_checkpoint(run, cfg.resume, policy, params, optimizer)
+        meta, _ = checkpoint.load_checkpoint(run, cfg.resume, policy, params, optimizer)
         start = meta["iteration"]
     horizon = policy.cfg.action_horizon
     if run.is_main:
@@ -166,7 +172,7 @@ def train(cfg: SFTConfig) -> dict:
               f"{sum(p.numel() for n, p in params.items() if policy.is_trainable(n)) / 1e6:.1f} M trainable params")
 
     metrics: dict[str, float] = {}
-    bar = common.progress(run, start, cfg.num_iterations)
+    bar = progress(run, start, cfg.num_iterations)
     started, frames_seen = time.perf_counter(), 0
     for step in bar:
         lr = learning_rate(step, cfg.num_iterations, cfg.learning_rate, cfg.warmup_ratio)
@@ -175,24 +181,24 @@ def train(cfg: SFTConfig) -> dict:
         frames = torch.randint(0, len(demos), (cfg.batch_size,), generator=run.generator, device=run.device).cpu()
         batch = demos.batch(frames, horizon)
         loss = policy.sft_loss(params, batch, generator=run.generator)
-        grad_norm = common.optimizer_step(optimizer, loss, cfg.max_grad_norm)
+        grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
         frames_seen += cfg.batch_size * run.world_size
-        stop = common.out_of_time(run, started)
+        stop = out_of_time(run, started)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_iterations or stop:
-            metrics = {"sft/loss": float(common.all_reduce_sum(loss.detach()) / run.world_size),
+            metrics = {"sft/loss": float(all_reduce_sum(loss.detach()) / run.world_size),
                        "actor/grad_norm": float(grad_norm), "sft/learning_rate": lr,
                        "charts/SPS": frames_seen / (time.perf_counter() - started)}
             if run.logger is not None:
                 run.logger.log(metrics, step + 1)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{metrics['sft/loss']:.4f}", refresh=False)
-        if common.checkpoint_due(run, step + 1) or stop:
-            common.save_checkpoint(run, step + 1, {"frames_seen": frames_seen}, policy, params, base, optimizer, {})
+            show(run, bar, metrics, {"loss": "sft/loss"})
+        if checkpoint_due(run, step + 1) or stop:
+            checkpoint.save_checkpoint(run, step + 1, {"frames_seen": frames_seen}, policy, params, base, optimizer,
+                                       {})
         if stop:
             break
     if run.is_main:
         export = run.run_dir / EXPORT_DIR
         policy.save(params, str(export))
         print(f"sft: exported the fine-tuned model to {export} (use it with --policy {export})")
-    common.finish_run(run)
+    finish_run(run)
     return {**metrics, "run_dir": str(run.run_dir) if run.run_dir else None}

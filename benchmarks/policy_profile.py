@@ -1,12 +1,12 @@
 """Where the time of GR00T's `sample` goes: kernel time per call, by kind (matmul, attention, the rest) and by kernel.
 
-    python -m benchmarks.policy_profile --tokenizer <dir with the GR00T tokenizer files>             # H100, eager
+    python -m benchmarks.policy_profile --tokenizer <dir with the GR00T tokenizer files>       # GPU, the plain model
     python -m benchmarks.policy_profile --tokenizer <same dir> --compile                            # regional compile
     python -m benchmarks.policy_profile --tokenizer <same dir> --compile --ops 20   # + the ATen ops behind the time
     python -m benchmarks.policy_profile --preset gr00t-tiny --device cpu --batch-size 2 --top 5     # smoke
 
 Same synthetic observations and bf16 inference params as `policy_throughput`; torch.profiler over --calls calls
-after --warmup. Prints the tables and writes them to OUT/policy_profile.md.
+after --warmup. Prints the tables and writes them to OUT/results.md.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.policy_throughput import INSTRUCTION, observations, synthetic_metadata
 from models.gr00t import Gr00tConfig, Gr00tPolicy
+from models.gr00t_fast import accelerate
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::mkldnn_convolution"}  # CPU ops
 
@@ -31,7 +32,8 @@ class Args:
     batch_size: int = 64
     """Observations per `sample` call."""
     compile: bool = False
-    """Regional torch.compile of the repeated blocks (as `policy_throughput --compile`)."""
+    """GR00T's fast path with regional torch.compile (as `policy_throughput --compile`). Without it: the plain
+    model."""
     tokenizer: str = "builtin"
     """'builtin' (offline) or a dir with the real GR00T tokenizer files (the real 564-token prompt)."""
     camera_size: int = 256
@@ -61,7 +63,9 @@ def kind(kernel: str) -> str:
 def main(args: Args) -> str:
     cuda = args.device.startswith("cuda")
     policy = Gr00tPolicy(Gr00tConfig.preset(args.preset, tokenizer=args.tokenizer), args.device,
-                         metadata=synthetic_metadata(args.camera_size), compile=args.compile)
+                         metadata=synthetic_metadata(args.camera_size))
+    if args.compile:
+        accelerate(policy, compile=True)
     params = policy.inference_params(policy.init(0))
     obs = observations(args.batch_size, args.camera_size, args.device)
     generator = torch.Generator(device=args.device).manual_seed(0)
@@ -91,7 +95,7 @@ def main(args: Args) -> str:
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "policy_profile.md").write_text(table)
+    (args.out / "results.md").write_text(table)
     return table
 
 

@@ -36,7 +36,7 @@ from typing import Literal
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from algos.common import find_checkpoint  # noqa: E402
+from algos.checkpoint import find_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("demos", "sft", "rl", "eval", "report")
@@ -187,12 +187,17 @@ def launcher(num_gpus: int, *argv: str) -> list[str]:
     return python("-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_gpus}", *argv)
 
 
-def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
-    flags = ["--env.task", args.task, "--env.device", args.device, "--env.image-size", str(args.image_size),
-             "--env.num-envs", str(num_envs)]
+def task_flags(args: Args, time_limit: bool = True) -> list[str]:
+    """The task, as SFT records it for evaluation."""
+    flags = ["--env.task", args.task, "--env.image-size", str(args.image_size)]
     if time_limit and args.max_episode_steps is not None:
         flags += ["--env.max-episode-steps", str(args.max_episode_steps)]
     return flags
+
+
+def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
+    """The task and how many envs step it, where."""
+    return [*task_flags(args, time_limit), "--env.device", args.device, "--env.num-envs", str(num_envs)]
 
 
 def sft_dir(args: Args) -> Path:
@@ -245,7 +250,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
                                   "--run-dir", str(args.out / "sft"), "--save-every", str(args.sft_iterations),
                                   *(["--tune-visual"] if args.sft_tune_visual else []),
-                                  *env_flags(args, args.eval_num_envs)))]
+                                  "--device", args.device, *task_flags(args)))]
     if phase == "rl":
         refuse_existing([args.out / name for name in rl_runs(args)])
         per_run = args.rl_gpus_per_run if args.device == "cuda" else 1

@@ -6,10 +6,11 @@
 
 Sub-envs that finish are reset inside `step` (the returned obs is the first obs of the new episode).
 `reset(seed, reset_keys=keys)` starts every env from the initial state that its key names: envs that share
-a key start identically (GRPO groups). See `envs/isaaclab_env.py` for the contract in full.
+a key start identically (GRPO groups). `envs/env.py` states the contract that the algorithms rely on.
 """
 
-from envs.config import EnvConfig
+from envs.config import EnvConfig, TaskConfig
+from envs.env import Env
 from envs.isaaclab_env import IsaacLabEnv, make_env
 
-__all__ = ["EnvConfig", "IsaacLabEnv", "make_env"]
+__all__ = ["Env", "EnvConfig", "IsaacLabEnv", "TaskConfig", "make_env"]

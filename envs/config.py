@@ -1,4 +1,6 @@
-"""The environment's settings, as one dataclass that tyro turns into `--env.*` flags."""
+"""The environment's settings as dataclasses that tyro turns into `--env.*` flags: `TaskConfig` says which task and
+how it is simulated (what SFT records for evaluation); `EnvConfig` adds how many sub-envs and on which device (what
+RL and eval.py step)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,10 @@ STACK_CUBE = "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"
 
 
 @dataclass
-class EnvConfig:
+class TaskConfig:
     task: str = STACK_CUBE
     """Isaac Lab task id (Isaac Lab 2.x names `Isaac-...-v0` are accepted), or one of leanvla's own tasks built on
     one: `Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor` (stack-cube's first pick: lift the red block, 160 steps)."""
-    num_envs: int = 2
-    """Parallel sub-environments. `make_env` builds this many on one device; train.py treats it as the total over
-    all DDP ranks and gives each rank num_envs / world_size."""
-    device: str = "auto"
-    """Simulation device: `cpu`, `cuda`, `cuda:N`, or `auto` (this rank's GPU if there is one, else CPU)."""
     image_size: int = 224
     """Height and width of every camera image, in pixels (camera tasks only)."""
     max_episode_steps: int | None = None
@@ -27,3 +24,12 @@ class EnvConfig:
     sim: Literal["kitless", "kit"] = "kitless"
     """`kitless`: Newton physics + Warp ray-traced cameras (no Isaac Sim). `kit`: Isaac Sim with PhysX and RTX
     cameras through AppLauncher (needs Isaac Sim installed; not run by this project's CI)."""
+
+
+@dataclass
+class EnvConfig(TaskConfig):
+    num_envs: int = 2
+    """Parallel sub-environments. `make_env` builds this many on one device; train.py treats it as the total over
+    all DDP ranks and gives each rank num_envs / world_size."""
+    device: str = "auto"
+    """Simulation device: `cpu`, `cuda`, `cuda:N`, or `auto` (this rank's GPU if there is one, else CPU)."""

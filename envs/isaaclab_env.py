@@ -1,6 +1,6 @@
 """One adapter for any Isaac Lab task: batched torch tensors in, batched torch tensors out.
 
-Contract (shared by every algorithm in `algos/`):
+Contract (shared by every algorithm in `algos/`; `envs/env.py` states it as a Protocol):
 
     env = make_env(EnvConfig(...))
     obs = env.reset(seed=0, reset_keys=None)
@@ -110,6 +110,7 @@ class IsaacLabEnv:
             raise ValueError(f"{self.task}: the task's idle action has {len(idle)} dims, its actions {self.action_dim}")
         self.idle_action = None if idle is None else torch.tensor(idle, dtype=torch.float32, device=self.device)
         self.num_views = len(self.spec.camera_names)
+        self.image_size = cfg.image_size
 
         n, dev = self.num_envs, self.device
         self.episode_return = torch.zeros(n, device=dev)

@@ -16,23 +16,17 @@ The architecture of Isaac-GR00T 1259d624 (`gr00t/model`), re-implemented:
   RL head      Flow-SDE (RLinf, πRL): Euler steps made Gaussian with noise level a; a value MLP on the masked mean
                of the VL tokens and the state embedding.
 
-Efficiency: the frozen backbone runs once per observation; its features are returned by `sample` and reused by
-`evaluate` (no second backbone pass in training); the cross-attention K/V of the VL tokens are computed once per
-call and shared by every denoising step; no LLM logits are computed; bf16 autocast on GPU; optional CUDA graphs
-and regional torch.compile (each repeated transformer block compiled once per block class, the rest eager). On
-CUDA, `sample` runs each MLP's input GEMM with its bias + GELU epilogue and puts each block's closing residual add
-into its last GEMM (linear_gelu_tanh, add_linear); training keeps the plain ops, which have a backward.
+Efficiency, in the model itself: the frozen backbone runs once per observation; its features are returned by
+`sample` and reused by `evaluate` (no second backbone pass in training); the cross-attention K/V of the VL tokens
+are computed once per call and shared by every denoising step; no LLM logits are computed; bf16 autocast on GPU.
+The GPU fast path (fused GEMM epilogues, regional torch.compile, CUDA graphs) is `models/gr00t_fast.py`, applied
+only on request; checkpoint I/O in the official layout is `models/gr00t_checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +34,22 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from einops import rearrange
 from torch import nn
 from torch.func import functional_call
 from transformers import Qwen3Config, Qwen3Model, SiglipVisionConfig, SiglipVisionModel
-from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
-from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from models.gr00t_checkpoint import (
+    METADATA_FILE,
+    VALUE_HEAD_PREFIX,
+    config_mismatches,
+    official_config,
+    read_json,
+    read_model_tensors,
+    resolve_checkpoint,
+    write_checkpoint_dir,
+)
 from models.gr00t_processor import (
     BUILTIN_TOKENIZER,
     SPECIAL_TOKENS,
@@ -207,12 +209,6 @@ PRESETS: dict[str, Gr00tConfig] = {
         num_future_tokens=4, max_seq_len=64, value_hidden=(32, 16)),
 }
 
-# Fields that fix tensor shapes; a checkpoint's `leanvla` config must agree on them.
-SIZE_FIELDS = ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "vision_intermediate",
-               "llm_hidden", "llm_layers", "llm_heads", "llm_kv_heads", "llm_head_dim", "llm_intermediate",
-               "vocab_size", "vl_layers", "vl_heads", "vl_head_dim", "dit_layers", "dit_heads", "dit_head_dim",
-               "hidden_size", "action_dim", "action_horizon", "max_state_dim", "num_future_tokens", "max_seq_len",
-               "num_embodiments", "value_hidden")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,7 +304,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        return rearrange(x, "n l (h d) -> n h l d", h=self.heads)
 
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._split(self.to_k(context)), self._split(self.to_v(context))
@@ -317,55 +313,12 @@ class Attention(nn.Module):
         k, v = kv if kv is not None else self.kv(x)
         q = self._split(self.to_q(x))
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        return self.to_out[0](rearrange(out, "n h l d -> n l (h d)"))
 
 
 def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
     """The dtype that x's matmuls run in: autocast's on x's device when autocast is on there, else x's own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
-def linear_gelu_tanh(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(linear(x)), the MLP input of SigLIP and of the DiT / VL blocks. On CUDA without autograd (`sample`)
-    it is one cuBLASLt GEMM whose epilogue adds the bias and applies GELU (tanh form), instead of a GEMM and a pass
-    over its [..., 4 x hidden] output; torch.compile keeps the op (inductor calls ATen for it). The op has no
-    backward, so training takes the plain path (as does the RL update's `evaluate`, and `recompute_logprob`,
-    which runs with autograd for that reason). It rounds to bf16 once more: on the GPU a rollout's log-probs and
-    the update's differ by that rounding, as they do by batch shape (--recompute-logprob measures the gap)."""
-    if not x.is_cuda or torch.is_grad_enabled():
-        return F.gelu(linear(x), approximate="tanh")
-    dtype = compute_dtype_of(x)
-    out = torch._addmm_activation(linear.bias.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype),
-                                  linear.weight.to(dtype).t(), use_gelu=True)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-@torch.library.custom_op("leanvla::add_matmul_", mutates_args=("out",))
-def _add_matmul_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
-    """out += x @ weight.T in place: one GEMM that reads out as its C (beta = 1)."""
-    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
-
-
-@_add_matmul_.register_fake
-def _add_matmul_fake(out, x, weight) -> None:  # shapes for tracing: nothing to return
-    return None
-
-
-def add_linear(residual: torch.Tensor, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """residual + linear(x), a block's closing residual add. On CUDA without autograd (`sample`), with the residual
-    in the compute dtype, the GEMM accumulates into residual + bias (cuBLAS beta = 1) rather than writing its output
-    for an add to read again; compiled, inductor computes residual + bias in the kernel that makes the residual, and
-    the GEMM updates that buffer in place. In bf16 it rounds differently from the plain path: like linear_gelu_tanh,
-    a difference between a rollout's and the update's numbers on the GPU. Training, the CPU (where `sample` and
-    `evaluate` then agree exactly) and fp32 residuals under autocast (the VL blocks) take the plain path."""
-    dtype = compute_dtype_of(x)
-    if not x.is_cuda or torch.is_grad_enabled() or residual.dtype != dtype:
-        return residual + linear(x)
-    # a copy to update, not the caller's tensor; "+ 0", not clone(): inductor fuses this add into the kernel that
-    # makes the residual (and its norm), where it gave a clone a kernel of its own (Qwen3 on an H100)
-    out = residual + (linear.bias.to(dtype) if linear.bias is not None else 0)
-    _add_matmul_(out, x.to(dtype), linear.weight.to(dtype))
-    return out
 
 
 class GELUProj(nn.Module):
@@ -374,7 +327,7 @@ class GELUProj(nn.Module):
         self.proj = nn.Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_gelu_tanh(self.proj, x)
+        return F.gelu(self.proj(x), approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -416,7 +369,7 @@ class TransformerBlock(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
         x = x + self.attn1(h, kv)
-        return add_linear(x, self.ff.net[2], self.ff.net[0](self.norm3(x)))
+        return x + self.ff(self.norm3(x))
 
 
 class DiT(nn.Module):
@@ -517,28 +470,6 @@ class ValueHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Backbone: transformers' SigLIP and Qwen3, nested so that parameter names are the official ones
 # ---------------------------------------------------------------------------------------------------------------
-class _SiglipEncoderLayer(SiglipEncoderLayer):
-    """transformers' SigLIP encoder layer (same parameter names), its MLP's fc1 + GELU one fused GEMM and its closing
-    residual add the fc2 GEMM's."""
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        attn, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
-                                 **kwargs)
-        hidden_states = hidden_states + attn
-        mlp = self.mlp
-        return add_linear(hidden_states, mlp.fc2, linear_gelu_tanh(mlp.fc1, self.layer_norm2(hidden_states)))
-
-
-class _Qwen3DecoderLayer(Qwen3DecoderLayer):
-    """transformers' Qwen3 decoder layer (same parameter names), its closing residual add the down_proj GEMM's."""
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs):
-        attn, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-        hidden_states = hidden_states + attn
-        mlp, x = self.mlp, self.post_attention_layernorm(hidden_states)
-        return add_linear(hidden_states, mlp.down_proj, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-
-
 class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model.*
     def __init__(self, cfg: Gr00tConfig):
         super().__init__()
@@ -548,9 +479,6 @@ class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model
             patch_size=cfg.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
             vision_use_head=False,  # the attention-pooling head: in the official model, never used by GR00T
             attn_implementation="sdpa"))
-        layers = self.vision_model.encoder.layers
-        for i, layer in enumerate(layers):
-            layers[i] = _SiglipEncoderLayer(layer.mlp.config)
 
 
 class _LanguageModel(nn.Module):  # backbone.eagle_model.language_model.model.* (lm_head: never computed)
@@ -562,9 +490,6 @@ class _LanguageModel(nn.Module):  # backbone.eagle_model.language_model.model.* 
             num_key_value_heads=cfg.llm_kv_heads, head_dim=cfg.llm_head_dim, rms_norm_eps=1e-6,
             rope_theta=cfg.rope_theta, max_position_embeddings=40960, hidden_act="silu", attention_bias=False,
             tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa"))
-        layers = self.model.layers
-        for i, layer in enumerate(layers):
-            layers[i] = _Qwen3DecoderLayer(self.model.config, i)
 
 
 class EagleModel(nn.Module):
@@ -638,7 +563,7 @@ class Gr00tModel(nn.Module):
         text = lm.embed_tokens(input_ids)                                    # [L, D]
         n = pixel_values.shape[0] // self.cfg.num_views
         embeds = text.unsqueeze(0).repeat(n, 1, 1)
-        embeds[:, image_positions] = vit.reshape(n, -1, vit.shape[-1]).to(embeds.dtype)
+        embeds[:, image_positions] = rearrange(vit, "(n v) p d -> n (v p) d", n=n).to(embeds.dtype)
         # One prompt for the batch, so no padding: plain causal attention. Passing the mask mapping skips
         # transformers' mask construction, which would build an explicit mask (no flash kernel) under CUDA graphs.
         return lm(inputs_embeds=embeds, attention_mask={"full_attention": None}, use_cache=False).last_hidden_state
@@ -723,278 +648,6 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
     return model
 
 
-# torch.compile modes for the blocks; the ones that add inductor's own CUDA graphs would nest in `CudaGraphed`'s.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-# Widest row that inductor normalises in one pass (SigLIP 1152, Qwen3 2048; inductor's own limit is 1024).
-PERSISTENT_ROW_NUMEL = 2048
-_OnePassRowNorms = None  # the InductorChoices subclass below, made on first use: importing inductor takes seconds
-
-
-def use_one_pass_row_norms() -> None:
-    """Let inductor generate layer / RMS norms over rows of up to PERSISTENT_ROW_NUMEL elements as persistent
-    reductions: one program holds a whole row in registers, reads it once and writes the result. Above 1024
-    elements inductor otherwise loops over the row, once for the statistics and again to normalise. On an H100
-    (batch-64 `sample` of the 3B model) the two norms of every SigLIP and VL block took 6.9 ms per call, not 11.2;
-    Qwen3's (2048) were already as fast. Installed through inductor's override point for its heuristics: as the
-    calling thread's choices handler (torch.compile generates code there), and as `inductor_choices_class` in
-    inductor's config, which keys its FX graph cache, so that graphs compiled with and without it never mix."""
-    global _OnePassRowNorms
-    from torch._inductor.virtualized import V
-
-    if _OnePassRowNorms is None:
-        from torch._inductor.choices import InductorChoices
-        from torch._inductor.runtime.hints import ReductionHint
-
-        class _OnePassRowNorms(InductorChoices):  # global: pickled by name into the cache key
-            @staticmethod
-            def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
-                if (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
-                        and features.get_reduction_hint() == ReductionHint.INNER
-                        and V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROW_NUMEL)):
-                    return True
-                return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-
-    torch._inductor.config.inductor_choices_class = _OnePassRowNorms
-    V.set_choices_handler(_OnePassRowNorms())
-
-
-def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
-    """Regional compilation: torch.compile each repeated transformer block in place, and the three norms over all
-    of an observation's tokens; everything else stays eager.
-    `mode` "max-autotune-no-cudagraphs" also benchmarks GEMM kernels (Triton templates with fused epilogues
-    against cuBLAS) while compiling: slower to compile.
-
-    Compiling all of `sample` made one graph of every layer, the DiT unrolled over the denoising steps (the 3B model
-    did not finish compiling in 290 s on an H100). One graph per stack of blocks (all SigLIP layers, all Qwen3
-    layers, ...) would fuse each block's closing residual add into the next block's norm, but on an H100 it was
-    slower (292 against 304 samples/s at batch 64) and took 5x the warm-up; `add_linear` now puts that add into
-    the block's last GEMM instead. Dynamo inlines nn modules and takes their parameters as graph inputs, so blocks
-    of one class share one compiled code and read the params dict that functional_call swaps in.
-    """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    eagle, head = model.backbone.eagle_model, model.action_head
-    blocks = [*eagle.vision_model.vision_model.encoder.layers,    # transformers' SiglipEncoderLayer, subclassed
-              *eagle.language_model.model.layers,                 # transformers' Qwen3DecoderLayer, subclassed
-              *head.vl_self_attention.transformer_blocks, *head.model.transformer_blocks]  # TransformerBlock
-    # dynamic=True: batch size (rollout, minibatches) and prompt length vary, so trace sizes symbolically from the
-    # first call rather than compiling each block once per size. What still recompiles is discrete: block variant
-    # (TransformerBlock: VL, DiT self- and cross-attention), grad mode, param dtypes (fp32 training / bf16 inference
-    # params), batch 1 (dynamo specializes sizes 0 and 1). That can pass dynamo's default of 8 graphs per code
-    # object, after which the block silently runs eager: raise the limit.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # The norms that run once per observation over all its tokens: eager, each is several passes over [N, L, D] in
-    # fp32 (Qwen3's RMSNorm five kernels, a LayerNorm under autocast a cast and the norm); compiled, one kernel.
-    norms = [eagle.vision_model.vision_model.post_layernorm, eagle.language_model.model.norm, head.vlln]
-    use_one_pass_row_norms()
-    for module in blocks + norms:
-        module.compile(dynamic=True, mode=mode)
-    return blocks + norms
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints in the official layout
-# ---------------------------------------------------------------------------------------------------------------
-INDEX_FILE = "model.safetensors.index.json"
-METADATA_FILE = Path("experiment_cfg") / "metadata.json"
-LM_HEAD = "backbone.eagle_model.language_model.lm_head.weight"
-EMBED_TOKENS = "backbone.eagle_model.language_model.model.embed_tokens.weight"
-# Official keys the computation never reads: SigLIP's attention-pooling head, and the LM head (tied to the
-# token embedding; GR00T uses hidden states, not logits). Accepted on load and dropped.
-UNUSED_OFFICIAL_KEYS = re.compile(r"^backbone\.eagle_model\.vision_model\.vision_model\.head\.|^" + re.escape(LM_HEAD)
-                                  + "$")
-VALUE_HEAD_PREFIX = "value_head."
-RLINF_VALUE_HEAD_PREFIX = "action_head.value_head."
-
-
-def resolve_checkpoint(path_or_hub_id: str) -> Path:
-    """A local directory as is; otherwise `owner/name` is fetched with huggingface_hub's snapshot_download."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path} is a file; a GR00T checkpoint is a directory (config.json, safetensors, "
-                             f"experiment_cfg/metadata.json)")
-        return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_hub_id):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(repo_id=path_or_hub_id, repo_type="model"))
-        except Exception as e:  # offline, unknown repo, gated, ...
-            raise RuntimeError(f"could not download {path_or_hub_id!r} from the Hugging Face hub "
-                               f"({type(e).__name__}: {e}). Without network access, download it elsewhere and "
-                               f"pass the local directory.") from e
-    raise FileNotFoundError(f"no checkpoint directory at {path_or_hub_id!r} (and it is not a hub id owner/name)")
-
-
-def official_config(cfg: Gr00tConfig) -> dict:
-    """config.json as Isaac-GR00T writes it (GR00T_N1_5_Config), plus this project's full config under 'leanvla'."""
-    block = {"dropout": 0.2, "final_dropout": True, "positional_embeddings": None}
-    return {
-        "action_dim": cfg.action_dim,
-        "action_head_cfg": {
-            "action_dim": cfg.action_dim, "action_horizon": cfg.action_horizon, "add_pos_embed": True,
-            "backbone_embedding_dim": cfg.llm_hidden,
-            "diffusion_model_cfg": {"attention_head_dim": cfg.dit_head_dim, "cross_attention_dim": cfg.llm_hidden,
-                                    "interleave_self_attention": True, "norm_type": "ada_norm",
-                                    "num_attention_heads": cfg.dit_heads, "num_layers": cfg.dit_layers,
-                                    "output_dim": cfg.hidden_size, **block},
-            "hidden_size": cfg.hidden_size, "input_embedding_dim": cfg.dit_dim, "max_action_dim": cfg.action_dim,
-            "max_state_dim": cfg.max_state_dim, "model_dtype": "float32", "noise_beta_alpha": cfg.noise_beta_alpha,
-            "noise_beta_beta": cfg.noise_beta_beta, "noise_s": cfg.noise_s,
-            "num_inference_timesteps": cfg.num_inference_steps, "num_target_vision_tokens": cfg.num_future_tokens,
-            "num_timestep_buckets": cfg.num_timestep_buckets, "tune_diffusion_model": cfg.tune_diffusion_model,
-            "tune_projector": cfg.tune_projector, "use_vlln": True,
-            "vl_self_attention_cfg": {"attention_head_dim": cfg.vl_head_dim, "num_attention_heads": cfg.vl_heads,
-                                      "num_layers": cfg.vl_layers, **block},
-        },
-        "action_horizon": cfg.action_horizon,
-        "architectures": ["GR00T_N1_5"],
-        "attn_implementation": None,
-        "backbone_cfg": {"eagle_path": "NVEagle/eagle_er-qwen3_1_7B-Siglip2_400M_stage1_5_128gpu_er_v7_1mlp_nops",
-                         "load_bf16": False, "project_to_dim": None, "reproject_vision": False,
-                         "select_layer": cfg.llm_layers, "tune_llm": cfg.tune_llm, "tune_visual": cfg.tune_visual,
-                         "use_flash_attention": True},
-        "compute_dtype": "bfloat16",
-        "hidden_size": cfg.llm_hidden,
-        "model_dtype": "float32",
-        "model_type": "gr00t_n1_5",
-        "torch_dtype": "bfloat16",
-        "leanvla": dataclasses.asdict(cfg),
-    }
-
-
-def config_mismatches(cfg: Gr00tConfig, config_json: dict) -> list[str]:
-    """Where a checkpoint's config.json disagrees with `cfg` on a size (its `leanvla` section, else official keys)."""
-    if "leanvla" in config_json:
-        theirs = config_json["leanvla"]
-        return [f"{f}: checkpoint {theirs[f]!r}, policy {getattr(cfg, f)!r}" for f in SIZE_FIELDS
-                if f in theirs and _plain(theirs[f]) != _plain(getattr(cfg, f))]
-    head = config_json.get("action_head_cfg", {})
-    dit, vl = head.get("diffusion_model_cfg", {}), head.get("vl_self_attention_cfg", {})
-    checks = [("action_horizon", head.get("action_horizon"), cfg.action_horizon),
-              ("action_dim", head.get("action_dim"), cfg.action_dim),
-              ("max_state_dim", head.get("max_state_dim"), cfg.max_state_dim),
-              ("hidden_size", head.get("hidden_size"), cfg.hidden_size),
-              ("input_embedding_dim", head.get("input_embedding_dim"), cfg.dit_dim),
-              ("backbone_embedding_dim", head.get("backbone_embedding_dim"), cfg.llm_hidden),
-              ("num_target_vision_tokens", head.get("num_target_vision_tokens"), cfg.num_future_tokens),
-              ("dit num_layers", dit.get("num_layers"), cfg.dit_layers),
-              ("dit num_attention_heads", dit.get("num_attention_heads"), cfg.dit_heads),
-              ("vl_self_attention num_layers", vl.get("num_layers"), cfg.vl_layers),
-              ("select_layer", config_json.get("backbone_cfg", {}).get("select_layer"), cfg.llm_layers)]
-    out = [f"{name}: checkpoint {theirs!r}, policy {ours!r}" for name, theirs, ours in checks
-           if theirs is not None and theirs != ours]
-    if config_json.get("backbone_cfg", {}).get("project_to_dim") is not None:
-        out.append("backbone_cfg.project_to_dim is set (GR00T N1.5 has none)")
-    return out
-
-
-def _plain(x):
-    return list(x) if isinstance(x, (tuple, list)) else x
-
-
-def read_checkpoint_tensors(directory: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    index = directory / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor model.safetensors")
-    tensors = {}
-    for name in files:
-        with safe_open(directory / name, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
-
-
-def write_checkpoint_dir(directory: Path, tensors: dict[str, torch.Tensor], config_json: dict, metadata_json: dict,
-                         max_shard_bytes: int) -> None:
-    """Sharded safetensors + index, config.json, experiment_cfg/metadata.json, written beside `directory` and
-    renamed into place, so a crash never leaves a torn checkpoint under that name."""
-    directory = directory.expanduser().absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t.detach().to("cpu").contiguous()
-            size += nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, tmp / fname, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
-        (tmp / METADATA_FILE).parent.mkdir()
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata_json, indent=2))
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CUDA graphs for a pure function of tensors
-# ---------------------------------------------------------------------------------------------------------------
-class CudaGraphed:
-    """Replays a CUDA graph of fn(params, *args) (args: tensors) captured once per input signature.
-
-    The graph reads params at the addresses it was captured with: updating them in place (optimizer.step) is seen
-    by later replays; a params dict with other tensors is captured anew. Outputs are cloned out of the graph.
-    """
-
-    def __init__(self, fn: Callable[..., dict[str, torch.Tensor]], warmup: int = 2, max_graphs: int = 8):
-        self.fn, self.warmup, self.max_graphs = fn, warmup, max_graphs
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = None
-
-    def __call__(self, params: dict[str, torch.Tensor], *args: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = (tuple((a.shape, a.dtype) for a in args), tuple(t.data_ptr() for t in params.values()))
-        if key not in self.graphs:
-            if len(self.graphs) >= self.max_graphs:  # e.g. params replaced (not updated in place) every step
-                self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = self._capture(params, args)
-        graph, static_args, static_out = self.graphs[key]
-        for s, a in zip(static_args, args):
-            s.copy_(a)
-        graph.replay()
-        return {k: v.clone() for k, v in static_out.items()}
-
-    def _capture(self, params, args):
-        static_args = [a.clone() for a in args]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.fn(params, *static_args)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self.fn(params, *static_args)
-        return graph, static_args, static_out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------------------------------------------
@@ -1007,8 +660,7 @@ class Gr00tPolicy:
 
     def __init__(self, cfg: Gr00tConfig | str = "gr00t-n1.5-3b", device: str | torch.device = "cpu",
                  metadata: Gr00tMetadata | dict | None = None, *, compute_dtype: torch.dtype | None = None,
-                 tokenizer: PromptTokenizer | str | None = None, cuda_graphs: bool = False, compile: bool = False,
-                 compile_mode: str = "default", max_shard_bytes: int = 5 * 2**30):
+                 tokenizer: PromptTokenizer | str | None = None, max_shard_bytes: int = 5 * 2**30):
         self.cfg = Gr00tConfig.preset(cfg) if isinstance(cfg, str) else cfg
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -1020,11 +672,8 @@ class Gr00tPolicy:
         self._processor: Gr00tProcessor | None = None
         if metadata is not None:
             self.set_metadata(metadata)
-        if cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs a CUDA device")
-        if compile:  # compiled blocks inside the CUDA graph: inductor's kernels are capturable
-            compile_blocks(self.model, compile_mode)
-        self._sample_fn = CudaGraphed(self._sample_core) if cuda_graphs else self._sample_core
+        # what `sample` runs after its random draws; gr00t_fast.accelerate replays it from a CUDA graph
+        self.sample_fn: Callable[..., dict[str, torch.Tensor]] = self.sample_core
 
     # -- metadata and processor --
     def set_metadata(self, metadata: Gr00tMetadata | dict) -> None:
@@ -1082,6 +731,12 @@ class Gr00tPolicy:
     def is_value_param(self, name: str) -> bool:
         return name.startswith(VALUE_HEAD_PREFIX)
 
+    # GR00T normalises by the checkpoint's metadata (dataset statistics): no running statistics to update
+    normalizer_names: tuple[str, ...] = ()
+
+    def update_normalizer(self, params, states, all_reduce_sum=None) -> None:
+        """Nothing to do: the normalisation statistics are fixed by the metadata."""
+
     def init(self, seed: int) -> dict[str, torch.Tensor]:
         """Random params: transformers' init for SigLIP / Qwen3, the official one for the action head."""
         return self._as_params(self._random_tensors(seed, lambda: Gr00tModel(self.cfg)))
@@ -1117,26 +772,15 @@ class Gr00tPolicy:
         action_head.value_head.* (renamed value_head.*). A checkpoint without a value head (every official one)
         gets a fresh one (seed 0)."""
         directory = resolve_checkpoint(path_or_hub_id)
-        config_file = directory / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{directory} has no config.json")
-        mismatches = config_mismatches(self.cfg, json.loads(config_file.read_text()))
+        mismatches = config_mismatches(self.cfg, read_json(directory, "config.json", "the model config"))
         if mismatches:
             raise ValueError(f"checkpoint {directory} does not match the policy's config: " + "; ".join(mismatches))
-        tensors = read_checkpoint_tensors(directory, self.device)
-        if EMBED_TOKENS not in tensors and LM_HEAD in tensors:  # tied: either name may be the one saved
-            tensors[EMBED_TOKENS] = tensors[LM_HEAD]
-        tensors = {VALUE_HEAD_PREFIX + k.removeprefix(RLINF_VALUE_HEAD_PREFIX)  # RLinf keeps it in the action head
-                   if k.startswith(RLINF_VALUE_HEAD_PREFIX) else k: v for k, v in tensors.items()}
-        tensors = {k: v for k, v in tensors.items() if not UNUSED_OFFICIAL_KEYS.search(k)}
+        tensors = read_model_tensors(directory, self.device)
         if not any(k.startswith(VALUE_HEAD_PREFIX) for k in tensors):
             tensors.update(self._random_tensors(0, lambda: ValueHead(self.cfg.llm_hidden + self.cfg.dit_dim,
                                                                       self.cfg.value_hidden), VALUE_HEAD_PREFIX))
         self._check_tensors(tensors, str(directory))
-        metadata_file = directory / METADATA_FILE
-        if not metadata_file.exists():
-            raise FileNotFoundError(f"{directory} has no {METADATA_FILE} (normalisation statistics)")
-        metadata_json = json.loads(metadata_file.read_text())
+        metadata_json = read_json(directory, METADATA_FILE, "normalisation statistics")
         self.set_metadata(select_metadata(metadata_json, self.cfg.embodiment_tag))
         self.metadata_json = metadata_json  # every embodiment's entry, written back by save
         return self._as_params(tensors)
@@ -1172,14 +816,12 @@ class Gr00tPolicy:
         """(policy, params) with the config read from the checkpoint: its `leanvla` section, or the official 3B
         sizes for checkpoints written by Isaac-GR00T / RLinf. `overrides` set runtime options (e.g. noise_level)."""
         directory = resolve_checkpoint(path_or_hub_id)
-        config_json = json.loads((directory / "config.json").read_text())
+        config_json = read_json(directory, "config.json", "the model config")
         fields = {f.name for f in dataclasses.fields(Gr00tConfig)}
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in config_json.get("leanvla", {}).items()
                  if k in fields}
         saved["normalization_overrides"] = tuple(tuple(p) for p in saved.get("normalization_overrides", ()))
-        policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer", "cuda_graphs", "compile",
-                                                          "compile_mode")
-                         if k in overrides}
+        policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer") if k in overrides}
         cfg = dataclasses.replace(Gr00tConfig(), **{**saved, **overrides})
         policy = cls(cfg, device, **policy_kwargs)
         return policy, policy.load(str(directory))
@@ -1196,7 +838,7 @@ class Gr00tPolicy:
         return {"horizon": self.cfg.executed_actions, "dims": self.processor.action_dim,
                 "noise_level": self.cfg.noise_level}
 
-    def _sample_core(self, params, rgb, state, input_ids, image_positions, noise, sde_steps) -> dict:
+    def sample_core(self, params, rgb, state, input_ids, image_positions, noise, sde_steps) -> dict:
         """The whole of `sample` after the random draws: a pure function of tensors (CUDA-graphable)."""
         proc = self.processor
         with self._autocast():
@@ -1215,8 +857,9 @@ class Gr00tPolicy:
         """Act on a batch: obs = {"rgb": uint8 [N, V, H, W, 3], "state": float [N, S]}.
 
         Returns actions [N, T, A_env] (env units), logprob [N] (Flow-SDE chain; 0 when deterministic), value [N],
-        and what `evaluate` needs: backbone_features [N, L, D], backbone_mask [N, L], state_norm [N, max_state_dim],
-        chain [N, K+1, H, action_dim] (x_0 noise ... x_K action), sde_steps [N, M] (stochastic steps, -1: none).
+        state [N, S] (obs['state'] as given), and what `evaluate` needs: backbone_features [N, L, D], backbone_mask
+        [N, L], state_norm [N, max_state_dim], chain [N, K+1, H, action_dim] (x_0 noise ... x_K action), sde_steps
+        [N, M] (stochastic steps, -1: none).
         """
         proc = self.processor
         rgb, state = obs["rgb"].to(self.device), obs["state"].to(self.device)
@@ -1236,7 +879,7 @@ class Gr00tPolicy:
             sde_steps = step.expand(n, 1).clone()
         else:
             sde_steps = torch.arange(steps, device=self.device).expand(n, steps).clone()
-        return self._sample_fn(params, rgb, state, input_ids, image_positions, noise, sde_steps)
+        return {**self.sample_fn(params, rgb, state, input_ids, image_positions, noise, sde_steps), "state": state}
 
     def _evaluate_core(self, params, features, mask, state_norm, chain, sde_steps):
         with self._autocast():

@@ -11,10 +11,13 @@ import torch
 
 
 class ToyEnv:
+    task = "toy"
     num_views = 0
+    image_size = 0
     instruction = ""
     state_dim = 2
     action_dim = 1
+    idle_action = None
 
     def __init__(self, cfg):
         self.num_envs = cfg.num_envs
@@ -81,6 +84,7 @@ class ToyCameraEnv(ToyEnv):
     """The same env with one 16x16 camera view: a white column marks the position."""
 
     num_views = 1
+    image_size = 16
     instruction = "stay near the middle"
 
     def _obs(self) -> dict[str, torch.Tensor]:
@@ -93,8 +97,8 @@ class ToyCameraEnv(ToyEnv):
 class ToyEnvNoState(ToyEnv):
     """The same env without state capture (an env that cannot restore its episodes)."""
 
-    state_dict = None  # type: ignore[assignment]
-    load_state_dict = None  # type: ignore[assignment]
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 def make_toy_env(cfg):

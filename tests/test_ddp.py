@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from algos import common, grpo, ppo
+from algos import grpo, ppo
+from algos.distributed import all_reduce_sum, setup_distributed
+from algos.run import Run, make_optimizer
 from envs.config import EnvConfig
 from models.mlp import MLPConfig, MLPPolicy
 from tests.algos_toy_env import ToyEnv
@@ -51,19 +53,19 @@ def _fixed_batch() -> tuple[MLPPolicy, dict, dict]:
 
 
 def _update(policy, params, rows, world_size: int, rank: int) -> dict:
-    run = common.Run(CFG, "ppo", rank, world_size, torch.device("cpu"), torch.Generator().manual_seed(rank), None,
+    run = Run(CFG, "ppo", rank, world_size, torch.device("cpu"), torch.Generator().manual_seed(rank), None,
                      None, False)
-    optimizer = common.make_optimizer(policy, params, CFG.learning_rate, 1e-2, 0.0)
-    rows = dict(rows, advantages=ppo.normalize(rows["advantages"], common.all_reduce_sum))
+    optimizer = make_optimizer(policy, params, CFG.learning_rate, 1e-2, 0.0)
+    rows = dict(rows, advantages=ppo.normalize(rows["advantages"], all_reduce_sum))
     ppo.update(CFG, policy, params, optimizer, rows, run)
-    policy.update_normalizer(params, rows["state"], common.all_reduce_sum)
+    policy.update_normalizer(params, rows["state"], all_reduce_sum)
     return {n: t.detach().clone() for n, t in params.items()}
 
 
 def _worker(rank: int, out_dir: str) -> None:
     """One spawn for every DDP check (process start-up is the slow part): the update on fixed data, then
     two iterations of each training loop."""
-    common.setup_distributed("cpu")
+    setup_distributed("cpu")
     policy, params, rows = _fixed_batch()
     half = {k: v[rank * 8:(rank + 1) * 8] for k, v in rows.items()}  # each rank owns half of the data
     torch.save(_update(policy, params, half, WORLD, rank), Path(out_dir) / f"update_rank{rank}.pt")

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from algos import common
-from algos.grpo import (GRPOConfig, first_episode_mask, group_reset_keys, grpo_advantages, informative_groups,
-                        train)
+from algos.config import ConfigError
+from algos.grpo import GRPOConfig, first_episode_mask, group_reset_keys, grpo_advantages, informative_groups, train
 from envs.config import EnvConfig
 from models.mlp import MLPConfig
 from tests.algos_toy_env import ToyEnv
@@ -43,7 +42,7 @@ def test_group_reset_keys_share_within_group_differ_across_groups_ranks_iteratio
 
 
 def test_num_envs_not_divisible_by_group_size_is_a_clear_error():
-    with pytest.raises(common.ConfigError, match="not divisible by --group-size 4"):
+    with pytest.raises(ConfigError, match="not divisible by --group-size 4"):
         train(GRPOConfig(env=EnvConfig(num_envs=6), group_size=4))
 
 

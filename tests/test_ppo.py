@@ -1,13 +1,14 @@
 """PPO's pure functions against hand-computed values, and the chunked rollout that feeds them."""
 
+import contextlib
 import math
 import types
 
 import pytest
 import torch
 
-from algos import common
-from algos.ppo import adaptive_lr, clipped_policy_loss, gae, normalize, value_loss
+from algos.ppo import adaptive_lr, clipped_policy_loss, gae, minibatch_indices, normalize, value_loss
+from algos.rollout import collect_rollout, recompute_logprob
 
 T, F = True, False
 
@@ -39,7 +40,7 @@ def test_gae_terminations_truncations_hand_computed():
 class ScriptedEnv:
     """Two envs, fixed per-step rewards and ends: env 1 terminates at step 1 and is truncated at step 4."""
 
-    num_envs, device, instruction = 2, torch.device("cpu"), ""
+    num_envs, device, instruction, idle_action = 2, torch.device("cpu"), "", None
     rewards = [[1, 1], [1, 2], [1, 4], [1, 8], [1, 16], [1, 32]]
     terminated = [[F, F], [F, T], [F, F], [F, F], [F, F], [F, F]]
     truncated = [[F, F], [F, F], [F, F], [F, F], [F, T], [F, F]]
@@ -69,9 +70,9 @@ class ChunkPolicy:
 
 def test_chunked_rollout_and_gae_hand_computed():
     env, run = ScriptedEnv(), types.SimpleNamespace(device=torch.device("cpu"), generator=None,
-                                                   autocast=common.contextlib.nullcontext)
+                                                   autocast=contextlib.nullcontext)
     success_seen = torch.zeros(2, dtype=torch.bool)
-    batch, obs, episodes, env_steps = common.collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)},
+    batch, obs, episodes, env_steps = collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)},
                                                              2, run, success_seen)
     assert env_steps == 12
     assert [a.tolist() for a in env.actions] == [[[0.0], [1.0]], [[10.0], [11.0]], [[20.0], [21.0]],
@@ -96,9 +97,9 @@ def test_chunked_rollout_and_gae_hand_computed():
 
 def test_chunk_leftovers_after_an_episode_end_are_the_idle_action():
     env, run = ScriptedEnv(), types.SimpleNamespace(device=torch.device("cpu"), generator=None,
-                                                   autocast=common.contextlib.nullcontext)
+                                                   autocast=contextlib.nullcontext)
     env.idle_action = torch.tensor([-7.0])
-    batch, *_ = common.collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)}, 2, run,
+    batch, *_ = collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)}, 2, run,
                                        torch.zeros(2, dtype=torch.bool))
     # env 1 ends at step 1 (terminated) and step 4 (truncated): the rest of each chunk holds still
     assert [a.tolist() for a in env.actions] == [[[0.0], [1.0]], [[10.0], [11.0]], [[20.0], [-7.0]],
@@ -175,10 +176,10 @@ def test_recompute_logprob_uses_the_update_minibatch_sizes():
             return 2 * mb["x"], None, None
 
     x = torch.arange(10.0)
-    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=common.contextlib.nullcontext)
-    logprob, gap = common.recompute_logprob(HalfPolicy(), {}, {"x": x, "logprob": 2 * x + 0.5}, 3, run)
+    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    logprob, gap = recompute_logprob(HalfPolicy(), {}, {"x": x, "logprob": 2 * x + 0.5}, 3, run)
     assert logprob.tolist() == (2 * x).tolist() and gap.item() == 0.5
-    assert HalfPolicy.sizes == [len(i) for i in common.minibatch_indices(10, 3, torch.Generator())] == [4, 3, 3]
+    assert HalfPolicy.sizes == [len(i) for i in minibatch_indices(10, 3, torch.Generator())] == [4, 3, 3]
 
 
 def test_recompute_logprob_runs_evaluate_with_autograd_as_the_update_and_detaches():
@@ -192,7 +193,7 @@ def test_recompute_logprob_runs_evaluate_with_autograd_as_the_update_and_detache
             return weight * mb["x"], None, None
 
     x = torch.arange(4.0)
-    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=common.contextlib.nullcontext)
-    logprob, gap = common.recompute_logprob(GradPolicy(), {}, {"x": x, "logprob": 2 * x}, 2, run)
+    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    logprob, gap = recompute_logprob(GradPolicy(), {}, {"x": x, "logprob": 2 * x}, 2, run)
     assert GradPolicy.grad_modes == [True, True]
     assert not logprob.requires_grad and not gap.requires_grad and logprob.tolist() == (2 * x).tolist()

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from algos import common, sft
-from envs.config import EnvConfig
+from algos import sft
+from algos.checkpoint import load_params_into
+from algos.config import ConfigError
+from envs.config import TaskConfig
 from envs.lerobot import LeRobotWriter
+from tests.algos_toy_env import ToyEnv
 
 
 def _write_dataset(root, episodes=2, length=12, size=32, seed=0):
@@ -53,8 +56,10 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
     demos = sft.Demonstrations.load(root)
     cfg = sft.SFTConfig(dataset=str(root), num_iterations=60, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
                         log_every=60, save_every=30, run_dir=str(tmp_path / "run"),
-                        env=EnvConfig(device="cpu", image_size=32), seed=3)
-    policy, initial, _ = sft.make_policy(cfg, demos, torch.device("cpu"), False, None)  # what train() starts from
+                        env=TaskConfig(image_size=32), device="cpu", seed=3)
+    # what train() starts from
+    policy, initial, _ = sft.make_sft_policy(cfg, demos.spaces(cfg.env.task), torch.device("cpu"), False, None,
+                                             sft.metadata_from_demos(demos))
     out = sft.train(cfg)
     assert np.isfinite(out["sft/loss"])
     checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
@@ -65,29 +70,64 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
     assert _fixed_noise_loss(exported_policy, exported, demos) < 0.95 * _fixed_noise_loss(policy, initial, demos)
     # the RL-format checkpoint holds the same trainable tensors as the export
     restored = {n: p.clone() for n, p in initial.items()}
-    common.load_params_into(checkpoints[-1], policy, restored)
+    load_params_into(checkpoints[-1], restored)
     for name, tensor in restored.items():
         if policy.is_trainable(name):
             torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
 
 
 def test_bad_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(common.ConfigError, match="is not a directory"):
-        sft.train(sft.SFTConfig(dataset=str(tmp_path / "missing"), env=EnvConfig(device="cpu")))
-    with pytest.raises(common.ConfigError, match="must be a GR00T preset"):
+    with pytest.raises(ConfigError, match="is not a directory"):
+        sft.train(sft.SFTConfig(dataset=str(tmp_path / "missing"), device="cpu"))
+    with pytest.raises(ConfigError, match="must be a GR00T preset"):
         root = _write_dataset(tmp_path / "ds", episodes=1, length=3)
         sft.train(sft.SFTConfig(dataset=str(root), policy="mlp", run_dir=str(tmp_path / "r"),
-                                env=EnvConfig(device="cpu", image_size=32)))
-    with pytest.raises(common.ConfigError, match="has 32x32 views but --env.image-size is 224; pass --env.image-size 32"):
-        sft.train(sft.SFTConfig(dataset=str(root), run_dir=str(tmp_path / "r2"), env=EnvConfig(device="cpu")))
+                                env=TaskConfig(image_size=32), device="cpu"))
+    with pytest.raises(ConfigError, match="has 32x32 views but --env.image-size is 224; pass --env.image-size 32"):
+        sft.train(sft.SFTConfig(dataset=str(root), run_dir=str(tmp_path / "r2"), device="cpu"))
 
 
 def test_max_minutes_stops_early_and_still_exports(tmp_path, capsys):
     root = _write_dataset(tmp_path / "ds", episodes=1, length=6)
     cfg = sft.SFTConfig(dataset=str(root), num_iterations=50, batch_size=4, max_minutes=1e-9, save_every=20,
-                        run_dir=str(tmp_path / "run"), env=EnvConfig(device="cpu", image_size=32))
+                        run_dir=str(tmp_path / "run"), env=TaskConfig(image_size=32), device="cpu")
     out = sft.train(cfg)
     assert np.isfinite(out["sft/loss"])  # the last step is logged
     assert [c.name for c in (tmp_path / "run" / "checkpoints").iterdir()] == ["iter_000001"]
     assert (tmp_path / "run" / "gr00t" / "config.json").is_file()
     assert "--max-minutes 1e-09 reached; stopping" in capsys.readouterr().out
+
+
+class TwoCameraToyEnv(ToyEnv):
+    """The toy env seen through two 32x32 cameras with an 8-d state and 7-d actions: the demonstrations' spaces."""
+
+    num_views, image_size, state_dim, action_dim = 2, 32, 8, 7
+    instruction = "stack the blocks"
+
+    def _obs(self) -> dict[str, torch.Tensor]:
+        state = torch.nn.functional.pad(torch.stack([self.x, self.v], -1), (0, 6))
+        rgb = torch.zeros(self.num_envs, 2, 32, 32, 3, dtype=torch.uint8)
+        return {"rgb": rgb.to(self.device), "state": state.to(self.device)}
+
+
+def test_eval_runs_an_sft_checkpoint_on_the_task_of_its_demonstrations(tmp_path):
+    """An SFT run steps no env; eval.py builds the one its --env flags name (task, image size, time limit), with
+    the default number of envs, and evaluates the fine-tuned model there."""
+    import eval as eval_script
+
+    root = _write_dataset(tmp_path / "ds", episodes=1, length=6)
+    sft.train(sft.SFTConfig(dataset=str(root), num_iterations=2, batch_size=4, run_dir=str(tmp_path / "run"),
+                            env=TaskConfig(task="two-camera task", image_size=32, max_episode_steps=5),
+                            device="cpu"))
+    built = []
+
+    def make_env(env_cfg):
+        built.append(env_cfg)
+        return TwoCameraToyEnv(env_cfg)
+
+    summary = eval_script.evaluate(eval_script.EvalConfig(checkpoint=str(tmp_path / "run"), num_episodes=3,
+                                                          num_videos=0, device="cpu"), make_env=make_env)
+    (env_cfg,) = built
+    assert (env_cfg.task, env_cfg.image_size, env_cfg.max_episode_steps, env_cfg.num_envs) == \
+        ("two-camera task", 32, 5, 2)
+    assert summary["num_episodes"] == 3 and all(e["length"] == 5 for e in summary["episodes"])

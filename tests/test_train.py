@@ -106,6 +106,11 @@ def test_eval_writes_summary_and_videos(tmp_path, monkeypatch):
     (["grpo", "--env.num-envs", "3", "--group-size", "2"], "not divisible by --group-size 2"),
     (["ppo", "--resume", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
     (["grpo", "--max-minutes", "0"], "--max-minutes must be > 0, got 0.0"),
+    (["ppo", "--policy", "mlp", "--compile"], "--policy mlp has no fast path"),
+    # SFT steps no env and has no RL head: it refuses their flags rather than ignoring them
+    (["sft", "--compile"], "--compile"),
+    (["sft", "--gr00t-noise-level", "0.3"], "--gr00t-noise-level"),
+    (["sft", "--env.num-envs", "4"], "--env.num-envs"),
 ])
 def test_bad_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -195,13 +200,13 @@ def test_mlp_on_cartpole(tmp_path):
 
 
 def test_value_warmup_trains_the_critic_and_leaves_the_policy(tmp_path, monkeypatch):
-    from algos import common
+    from algos.run import make_rl_policy
 
     monkeypatch.setattr("envs.make_env", ToyEnv)
     flags = [*SMALL, "--env.num-envs", "4", "--num-steps", "8", "--weight-decay", "0.1", "--run-dir", str(tmp_path)]
     out = train_script.main(["ppo", *flags, "--num-iterations", "2", "--value-warmup-iterations", "2"])
     cfg = train_script.parse(["ppo", *flags])
-    _, initial, _ = common.make_policy(cfg, ToyEnv(cfg.env), torch.device("cpu"))
+    _, initial, _ = make_rl_policy(cfg, ToyEnv(cfg.env), torch.device("cpu"))
     weights = [n for n in initial if n.startswith(("actor.", "log_std", "std"))]
     assert weights and all(torch.equal(out["params"][n], initial[n]) for n in weights)
     assert not torch.equal(out["params"]["critic.0.weight"], initial["critic.0.weight"])
@@ -234,7 +239,7 @@ def test_sampled_and_recomputed_logprobs_agree_in_fp32(tmp_path, monkeypatch, al
 def test_compile_flag_compiles_the_gr00t_blocks(tmp_path):
     """--compile reaches GR00T, random init or checkpoint: its repeated blocks and its three glue norms are compiled
     (lazily, at first call)."""
-    from algos import common
+    from algos.run import make_rl_policy
 
     def compiled_blocks(policy) -> int:
         return sum(m._compiled_call_impl is not None for m in policy.model.modules())
@@ -242,12 +247,12 @@ def test_compile_flag_compiles_the_gr00t_blocks(tmp_path):
     flags = ["--policy", "gr00t-tiny", "--env.task", "toy", "--env.device", "cpu", "--env.num-envs", "2"]
     cfg = train_script.parse(["ppo", *flags, "--compile"])
     env = ToyCameraEnv(cfg.env)
-    policy, params, _ = common.make_policy(cfg, env, torch.device("cpu"))
+    policy, params, _ = make_rl_policy(cfg, env, torch.device("cpu"))
     c = policy.cfg
     assert compiled_blocks(policy) == c.vision_layers + c.llm_layers + c.vl_layers + c.dit_layers + 3
     policy.save(params, str(tmp_path / "ckpt"))
     from_checkpoint = train_script.parse(["ppo", *flags, "--compile", "--policy", str(tmp_path / "ckpt")])
-    loaded, _, _ = common.make_policy(from_checkpoint, env, torch.device("cpu"))
+    loaded, _, _ = make_rl_policy(from_checkpoint, env, torch.device("cpu"))
     assert compiled_blocks(loaded) == compiled_blocks(policy)
-    plain, _, _ = common.make_policy(train_script.parse(["ppo", *flags]), env, torch.device("cpu"))
+    plain, _, _ = make_rl_policy(train_script.parse(["ppo", *flags]), env, torch.device("cpu"))
     assert compiled_blocks(plain) == 0

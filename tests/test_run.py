@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from algos import common
-from algos.ppo import PPOConfig
+from algos.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from algos.config import ConfigError, check_rl_config, config_dict, config_from_dict
+from algos.ppo import PPOConfig, minibatch_indices
+from algos.run import Run, env_metadata, make_optimizer, make_rl_policy, optimizer_step
 from envs.config import EnvConfig
 from models.mlp import MLPConfig, MLPPolicy, gaussian_logprob, merge_moments
 
@@ -58,18 +60,18 @@ def test_mlp_sample_logprob_matches_gaussian_and_evaluate():
 def test_optimizer_has_a_separate_value_head_learning_rate():
     policy = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(4,)))
     params = policy.init(0)
-    opt = common.make_optimizer(policy, params, lr=1e-3, value_lr=5e-3, weight_decay=0.0)
+    opt = make_optimizer(policy, params, lr=1e-3, value_lr=5e-3, weight_decay=0.0)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-3]
     assert all(n.startswith("critic.") for n in opt.param_groups[1]["param_names"])
     assert "std" in opt.param_groups[0]["param_names"]
     assert not any(n.startswith("obs_norm") for g in opt.param_groups for n in g["param_names"])
-    no_value = common.make_optimizer(policy, params, 1e-3, None, 0.0, include_value=False)
+    no_value = make_optimizer(policy, params, 1e-3, None, 0.0, include_value=False)
     assert len(no_value.param_groups) == 1
 
 
 def test_minibatches_cover_all_rows_and_are_reshuffled_every_epoch():
     g = torch.Generator().manual_seed(0)
-    epoch1, epoch2 = common.minibatch_indices(10, 3, g), common.minibatch_indices(10, 3, g)
+    epoch1, epoch2 = minibatch_indices(10, 3, g), minibatch_indices(10, 3, g)
     assert [len(i) for i in epoch1] == [4, 3, 3]
     assert sorted(torch.cat(epoch1).tolist()) == list(range(10)) == sorted(torch.cat(epoch2).tolist())
     assert torch.cat(epoch1).tolist() != torch.cat(epoch2).tolist()
@@ -77,16 +79,16 @@ def test_minibatches_cover_all_rows_and_are_reshuffled_every_epoch():
 
 def test_rng_state_round_trip_through_json():
     g = torch.Generator().manual_seed(5)
-    state = json.loads(json.dumps(common.rng_state(g)))
+    state = json.loads(json.dumps(rng_state(g)))
     draws = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
     random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=g)  # move every stream on
-    common.set_rng_state(state, g)
+    set_rng_state(state, g)
     assert (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item()) == draws
 
 
 def _run(tmp_path, keep_last=2):
     cfg = PPOConfig(env=EnvConfig(task="toy", num_envs=2, device="cpu"), keep_last=keep_last, run_dir=str(tmp_path))
-    return common.Run(cfg, "ppo", 0, 1, torch.device("cpu"), torch.Generator().manual_seed(0), tmp_path, None, False)
+    return Run(cfg, "ppo", 0, 1, torch.device("cpu"), torch.Generator().manual_seed(0), tmp_path, None, False)
 
 
 def test_checkpoint_round_trip_restores_params_optimizer_rng_and_carry(tmp_path):
@@ -94,11 +96,11 @@ def test_checkpoint_round_trip_restores_params_optimizer_rng_and_carry(tmp_path)
     policy = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(4,)))
     params = policy.init(0)
     policy.update_normalizer(params, torch.randn(7, 2))
-    opt = common.make_optimizer(policy, params, 1e-3, 2e-3, 0.0)
+    opt = make_optimizer(policy, params, 1e-3, 2e-3, 0.0)
     loss = policy.evaluate(params, policy.sample(params, {"state": torch.randn(3, 2)}, "", run.generator))[0].sum()
-    common.optimizer_step(opt, -loss, 1.0)
+    optimizer_step(opt, -loss, 1.0)
     carry = {"obs.state": torch.randn(2, 2), "success_seen": torch.tensor([True, False])}
-    path = common.save_checkpoint(run, 7, {"global_step": 70}, policy, params, {"policy": "mlp", "init_seed": 0},
+    path = save_checkpoint(run, 7, {"global_step": 70}, policy, params, {"policy": "mlp", "init_seed": 0},
                                   opt, carry)
     assert path == tmp_path / "checkpoints" / "iter_000007"
     assert sorted(p.name for p in path.iterdir()) == ["carry_rank0.safetensors", "normalizer.safetensors",
@@ -109,8 +111,8 @@ def test_checkpoint_round_trip_restores_params_optimizer_rng_and_carry(tmp_path)
 
     run2 = _run(tmp_path)
     params2 = policy.init(1)  # different values, to be overwritten
-    opt2 = common.make_optimizer(policy, params2, 1e-3, 2e-3, 0.0)
-    meta2, carry2 = common.load_checkpoint(run2, tmp_path, policy, params2, opt2)  # run dir -> newest checkpoint
+    opt2 = make_optimizer(policy, params2, 1e-3, 2e-3, 0.0)
+    meta2, carry2 = load_checkpoint(run2, tmp_path, policy, params2, opt2)  # run dir -> newest checkpoint
     assert meta2["global_step"] == 70
     for n in params:
         assert torch.equal(params[n], params2[n]), n
@@ -127,62 +129,65 @@ def test_checkpoints_are_pruned_to_keep_last_and_leave_no_temp_dirs(tmp_path):
     run = _run(tmp_path, keep_last=2)
     policy = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(4,)))
     params = policy.init(0)
-    opt = common.make_optimizer(policy, params, 1e-3, None, 0.0)
+    opt = make_optimizer(policy, params, 1e-3, None, 0.0)
     for it in (1, 2, 3, 3):  # saving the same iteration twice replaces it
-        common.save_checkpoint(run, it, {"global_step": it}, policy, params, {}, opt, {})
+        save_checkpoint(run, it, {"global_step": it}, policy, params, {}, opt, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000002", "iter_000003"]
-    assert common.find_checkpoint(tmp_path).name == "iter_000003"
+    assert find_checkpoint(tmp_path).name == "iter_000003"
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(common.ConfigError, match="no checkpoint at"):
-        common.find_checkpoint(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        find_checkpoint(tmp_path / "nope")
 
 
 def test_config_from_dict_round_trip():
     cfg = PPOConfig(env=EnvConfig(task="toy", num_envs=6), mlp=MLPConfig(hidden_sizes=(3, 5)), dual_clip=2.0)
-    again = common.config_from_dict(PPOConfig, json.loads(json.dumps(common.config_dict(cfg))))
+    again = config_from_dict(PPOConfig, json.loads(json.dumps(config_dict(cfg))))
     assert again == cfg
 
 
-def test_policy_value_without_value_method_leaves_the_training_rng_alone():
-    class NoValue:
-        def sample(self, params, obs, instruction, generator, deterministic=False):
-            return {"value": torch.rand(2, generator=generator)}
+def test_both_policies_satisfy_the_policy_protocol():
+    """The algorithms call only the Policy protocol; both policies provide all of it (a missing member fails)."""
+    from models.gr00t import Gr00tPolicy
+    from models.policy import Policy
+    from tests.test_gr00t_processor import make_metadata
 
-    run = types.SimpleNamespace(device=torch.device("cpu"), autocast=common.contextlib.nullcontext,
-                                generator=torch.Generator().manual_seed(3))
-    before = run.generator.get_state()
-    common.policy_value(NoValue(), {}, {}, "", run)
-    assert torch.equal(run.generator.get_state(), before)
+    mlp = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(4,)))
+    gr00t = Gr00tPolicy("gr00t-tiny", metadata=make_metadata())
+    assert isinstance(mlp, Policy) and isinstance(gr00t, Policy)
+    assert gr00t.normalizer_names == () and not isinstance(object(), Policy)
+    obs = {"state": torch.randn(3, 2)}
+    out = mlp.sample(mlp.init(0), obs, "", torch.Generator().manual_seed(0))
+    assert torch.equal(out["state"], obs["state"])  # every policy returns the state it acted on
 
 
 def test_env_metadata_splits_arm_and_gripper_and_takes_a_gripper_alone():
     state, action = torch.randn(50, 8), torch.randn(50, 7)
-    meta = common.env_metadata(state, action, (64, 48), 2)
+    meta = env_metadata(state, action, (64, 48), 2)
     assert sorted(meta["statistics"]["action"]) == ["action", "gripper"]
     assert meta["statistics"]["action"]["action"]["max"] == action[:, :6].max(0).values.tolist()
     assert meta["statistics"]["action"]["gripper"]["min"] == [action[:, 6].min().item()]
     assert meta["modalities"]["video"]["view1"]["resolution"] == [64, 48]
-    one_d = common.env_metadata(state, action[:, :1], (16, 16), 1)  # e.g. a 1-d force: no arm part
+    one_d = env_metadata(state, action[:, :1], (16, 16), 1)  # e.g. a 1-d force: no arm part
     assert list(one_d["statistics"]["action"]) == ["gripper"]
 
 
 def test_gr00t_flow_sde_flags_reach_the_policy_from_a_preset_and_a_checkpoint(tmp_path):
-    env = types.SimpleNamespace(state_dim=8, action_dim=7, num_views=2, cfg=types.SimpleNamespace(image_size=32))
+    env = types.SimpleNamespace(task="camera task", state_dim=8, action_dim=7, num_views=2, image_size=32)
     cfg = PPOConfig(policy="gr00t-tiny", gr00t_noise_level=0.3, gr00t_sde_steps="all")
-    policy, params, base = common.make_policy(cfg, env, torch.device("cpu"))
+    policy, params, base = make_rl_policy(cfg, env, torch.device("cpu"))
     assert (policy.cfg.noise_level, policy.cfg.sde_steps) == (0.3, "all")
     policy.save(params, str(tmp_path / "gr00t"))
-    loaded, _, _ = common.make_policy(PPOConfig(policy=str(tmp_path / "gr00t"), gr00t_noise_level=0.7), env,
+    loaded, _, _ = make_rl_policy(PPOConfig(policy=str(tmp_path / "gr00t"), gr00t_noise_level=0.7), env,
                                       torch.device("cpu"))
     assert (loaded.cfg.noise_level, loaded.cfg.sde_steps) == (0.7, "all")  # the checkpoint's steps, the flag's level
-    default, _, _ = common.make_policy(PPOConfig(policy="gr00t-tiny"), env, torch.device("cpu"))
+    default, _, _ = make_rl_policy(PPOConfig(policy="gr00t-tiny"), env, torch.device("cpu"))
     assert (default.cfg.noise_level, default.cfg.sde_steps) == (0.5, "one")
 
 
 def test_bad_gr00t_flow_sde_flags_are_clear_errors():
-    with pytest.raises(common.ConfigError, match="--gr00t-noise-level must be > 0, got 0.0"):
-        common.check_run_config(PPOConfig(gr00t_noise_level=0.0))
-    with pytest.raises(common.ConfigError, match="--policy mlp has none"):
-        common.check_run_config(PPOConfig(policy="mlp", gr00t_sde_steps="all"))
+    with pytest.raises(ConfigError, match="--gr00t-noise-level must be > 0, got 0.0"):
+        check_rl_config(PPOConfig(gr00t_noise_level=0.0))
+    with pytest.raises(ConfigError, match="--policy mlp has none"):
+        check_rl_config(PPOConfig(policy="mlp", gr00t_sde_steps="all"))

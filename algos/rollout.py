@@ -1,0 +1,125 @@
+"""Rollouts: the policy acting in the batched env, one action chunk per decision. PPO and GRPO both collect with
+`collect_rollout`; this file is everything they assume about a rollout.
+
+A decision is one `policy.sample` call: it returns a chunk of T actions per sub-env (GR00T: T = 16; the MLP:
+T = 1), which the env plays step by step. What the algorithms see is per decision:
+  reward      the sum of the chunk's step rewards, up to the sub-env's end;
+  terminated  the episode ended inside the chunk by a terminal state (success, failure): nothing to bootstrap;
+  truncated   it ended by the time limit, and not also by a terminal state (termination takes precedence);
+  success     the task succeeded inside the chunk, before any end.
+A sub-env whose episode ends mid-chunk is reset by the env and spends the rest of the chunk in its next episode:
+holding still with the env's `idle_action` where there is one (the chunk's remaining actions were planned for the
+episode that ended), else playing them. Those steps' rewards are left out of the decision, and their ends too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from algos.distributed import all_reduce_sum
+from algos.run import Run
+from envs import Env
+from models.policy import Params, Policy
+
+
+class Episodes:
+    """Sums over the episodes that ended during a rollout, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # return, length, success, count
+
+    def add(self, done: torch.Tensor, returns: torch.Tensor, lengths: torch.Tensor, success: torch.Tensor) -> None:
+        d = done.double()
+        self.sums += torch.stack([(returns.double() * d).sum(), (lengths.double() * d).sum(),
+                                  (success.double() * d).sum(), d.sum()])
+
+    def metrics(self) -> dict[str, float]:
+        """Means over all ranks: env/episode_return, env/episode_len, env/success_once (none if no episode ended)."""
+        total, length, success, n = all_reduce_sum(self.sums).tolist()
+        if n == 0:
+            return {}
+        return {"env/episode_return": total / n, "env/episode_len": length / n, "env/success_once": success / n,
+                "env/episodes": n}
+
+
+def play_chunk(env: Env, actions: torch.Tensor, success_seen: torch.Tensor, episodes: Episodes,
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Step the env through a chunk of actions [N, T, A]. Returns the obs after it and the decision's
+    {"reward", "terminated", "truncated", "success"} [N], as the module docstring defines them. `success_seen` [N]
+    (whether the current episode has succeeded yet) is updated in place; every episode that ends is added to
+    `episodes`."""
+    n, device = env.num_envs, success_seen.device
+    reward = torch.zeros(n, device=device)
+    terminated = torch.zeros(n, dtype=torch.bool, device=device)
+    truncated = torch.zeros(n, dtype=torch.bool, device=device)
+    success = torch.zeros(n, dtype=torch.bool, device=device)
+    for k in range(actions.shape[1]):
+        ended = terminated | truncated  # the decision's episode is over: these steps belong to the next one
+        action = actions[:, k]
+        if env.idle_action is not None:
+            action = torch.where(ended.unsqueeze(-1), env.idle_action, action)
+        obs, r, term, trunc, info = env.step(action.contiguous())
+        reward += r.float() * ~ended
+        terminated |= term & ~ended
+        truncated |= trunc & ~ended & ~term
+        success |= info["success"] & ~ended
+        success_seen |= info["success"]
+        done = term | trunc
+        episodes.add(done, info["episode_return"], info["episode_length"], success_seen)
+        success_seen &= ~done
+    return obs, {"reward": reward, "terminated": terminated, "truncated": truncated, "success": success}
+
+
+@torch.no_grad()
+def collect_rollout(env: Env, policy: Policy, params: Params, obs: dict[str, torch.Tensor], num_decisions: int,
+                    run: Run, success_seen: torch.Tensor, stop_when_all_done: bool = False,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Episodes, int]:
+    """Run the policy for up to `num_decisions` decisions, sampling with the run's generator.
+
+    Returns (batch, next obs, finished episodes, env steps taken). `batch` stacks everything `policy.sample`
+    returned and `play_chunk`'s reward, terminated, truncated and success, each [D, N, ...]. `success_seen` [N]
+    is carried across rollouts. With `stop_when_all_done` (GRPO) the rollout ends as soon as every sub-env has
+    ended an episode."""
+    episodes = Episodes(run.device)
+    ended_once = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
+    steps, env_steps = [], 0
+    for _ in range(num_decisions):
+        with run.autocast():
+            out = policy.sample(params, obs, env.instruction, run.generator)
+        actions = out["actions"].float()
+        obs, decision = play_chunk(env, actions, success_seen, episodes)
+        env_steps += env.num_envs * actions.shape[1]
+        steps.append({**out, **decision})
+        ended_once |= decision["terminated"] | decision["truncated"]
+        if stop_when_all_done and bool(ended_once.all()):
+            break
+    batch = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
+    return batch, obs, episodes, env_steps
+
+
+def recompute_logprob(policy: Policy, params: Params, rows: dict[str, torch.Tensor], num_minibatches: int,
+                      run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's log-probs [R] recomputed by `evaluate` under the rollout's params, in minibatches of the
+    update's sizes; and the mean |recomputed - sampled| (a scalar, for the logs).
+
+    `sample` and `evaluate` may reach their numbers by different kernels (other batch shapes in bf16; with GR00T's
+    fast path, fused GEMM epilogues and CUDA graphs in `sample` only), and a gap summed over a chunk's action dims
+    would read as policy change. Ratios against the recomputed log-probs start at exactly 1. Autograd stays on, as
+    in the update, so that `evaluate` runs the update's kernels and compiled graphs; each minibatch's graph is
+    dropped once its log-probs are detached."""
+    num_rows = rows["logprob"].shape[0]
+    parts = []
+    for idx in torch.tensor_split(torch.arange(num_rows, device=rows["logprob"].device), num_minibatches):
+        with run.autocast():
+            logprob, _, _ = policy.evaluate(params, {k: v[idx] for k, v in rows.items()})
+        parts.append(logprob.detach().float())
+    recomputed = torch.cat(parts)
+    gap = (recomputed - rows["logprob"].float()).abs().mean() if num_rows else torch.zeros((), device=run.device)
+    return recomputed, gap
+
+
+def logprob_gap_metric(gap: torch.Tensor | None, run: Run) -> dict[str, float]:
+    """`recompute_logprob`'s gap averaged over ranks, as rollout/logprob_gap; nothing when not recomputed."""
+    if gap is None:
+        return {}
+    return {"rollout/logprob_gap": (all_reduce_sum(gap.double()) / run.world_size).item()}
