@@ -160,7 +160,7 @@ def test_policy_profile_sorts_kernels_by_kind_and_sums_to_the_total(tmp_path):
     assert policy_profile.kind("triton_mm_1658") == "matmul" and policy_profile.kind("aten::addmm") == "matmul"
     table = policy_profile.main(policy_profile.Args(preset="gr00t-tiny", device="cpu", batch_size=2, warmup=1,
                                                     calls=1, top=5, ops=4, out=tmp_path))
-    assert (tmp_path / "policy_profile.md").read_text() == table
+    assert (tmp_path / "results.md").read_text() == table
     total = float(table.split(": ")[1].split(" ms")[0])
     kinds = {row.split(" | ")[0][2:]: float(row.split(" | ")[1]) for row in table.splitlines()
              if row.startswith(("| matmul |", "| attention |", "| other |"))}
