@@ -71,33 +71,32 @@ class SFTConfig(RunConfig):
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Demonstrations:
-    """Every frame of a dataset in memory: views uint8 [F, V, H, W, 3], state [F, S], action [F, A], and for each
-    frame the index of the frame `k` steps later in its episode (clamped to the episode's last frame)."""
+    """Every frame of a dataset in memory: views uint8 [F, V, H, W, 3], state [F, S], action [F, A], the index of
+    the last frame of each frame's episode, and each frame's instruction (an index into `instructions`: a dataset
+    may hold several tasks)."""
 
     rgb: torch.Tensor
     state: torch.Tensor
     action: torch.Tensor
-    episode_end: torch.Tensor  # index of the last frame of each frame's episode
-    instruction: str
+    episode_end: torch.Tensor
+    task: torch.Tensor
+    instructions: tuple[str, ...]
 
     @classmethod
     def load(cls, root: str | Path) -> Demonstrations:
         dataset = LeRobotDataset(root)
         if len(dataset) == 0:
             raise ConfigError(f"--dataset {root} has no episodes")
-        if len(dataset.tasks) != 1:
-            raise ConfigError(f"--dataset {root} has {len(dataset.tasks)} task strings; SFT here takes one "
-                              "instruction per dataset")
-        rgb, state, action, end = [], [], [], []
+        instructions = tuple(dataset.tasks.values())
+        rgb, state, action, end, task = [], [], [], [], []
         for i in range(len(dataset)):
             ep = dataset.episode(i)
             rgb.append(np.stack([ep.images[k] for k in dataset.modality["video"]], axis=1))
             state.append(ep.state)
             action.append(ep.action)
             end.append(np.full(len(ep.state), sum(map(len, state)) - 1))
-        return cls(torch.from_numpy(np.concatenate(rgb)), torch.from_numpy(np.concatenate(state)),
-                   torch.from_numpy(np.concatenate(action)), torch.from_numpy(np.concatenate(end)),
-                   next(iter(dataset.tasks.values())))
+            task.append(np.full(len(ep.state), instructions.index(ep.task)))
+        return cls(*(torch.from_numpy(np.concatenate(x)) for x in (rgb, state, action, end, task)), instructions)
 
     def __len__(self) -> int:
         return len(self.state)
@@ -107,10 +106,10 @@ class Demonstrations:
         return Spaces(task, self.state.shape[1], self.action.shape[1], self.rgb.shape[1], self.rgb.shape[2])
 
     def batch(self, frames: torch.Tensor, horizon: int) -> dict:
-        """Frames [B] → {"rgb", "state", "actions" [B, horizon, A], "instruction"}."""
+        """Frames [B] → {"rgb", "state", "actions" [B, horizon, A], "instruction": one per frame}."""
         steps = (frames[:, None] + torch.arange(horizon)).minimum(self.episode_end[frames][:, None])
         return {"rgb": self.rgb[frames], "state": self.state[frames], "actions": self.action[steps],
-                "instruction": self.instruction}
+                "instruction": [self.instructions[t] for t in self.task[frames].tolist()]}
 
 
 def metadata_from_demos(demos: Demonstrations, embodiment_tag: str = "new_embodiment") -> dict:

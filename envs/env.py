@@ -23,8 +23,8 @@ class Env(Protocol):
     """Height and width of each view (camera tasks)."""
     state_dim: int
     action_dim: int
-    instruction: str
-    """The task's language instruction ('' for state tasks)."""
+    instruction: str | list[str]
+    """The task's language instruction ('' for state tasks): one for every sub-env, or one per sub-env."""
     max_episode_steps: int
     """The time limit, in env steps."""
     idle_action: torch.Tensor | None

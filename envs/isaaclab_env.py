@@ -104,7 +104,7 @@ class IsaacLabEnv:
         self.step_dt = float(self._env.step_dt)
         self.max_episode_steps = int(self._env.max_episode_length)
         self.action_dim = int(self._env.action_manager.total_action_dim)
-        self.instruction = self.spec.instruction
+        self.instruction = self.spec.instructions(self.num_envs)
         idle = self.spec.idle_action
         if idle is not None and len(idle) != self.action_dim:
             raise ValueError(f"{self.task}: the task's idle action has {len(idle)} dims, its actions {self.action_dim}")

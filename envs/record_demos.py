@@ -70,7 +70,8 @@ def record(args: Args) -> Path:
                     reward = np.zeros(len(buf["state"]), np.float32)
                     reward[-1] = 1.0
                     images = {k: np.stack(buf[k]) for k in ("image", "wrist_image")}
-                    writer.add_episode(images, np.stack(buf["state"]), np.stack(buf["action"]), env.instruction, reward)
+                    task = env.instruction if isinstance(env.instruction, str) else env.instruction[i]
+                    writer.add_episode(images, np.stack(buf["state"]), np.stack(buf["action"]), task, reward)
                     kept += 1
                     bar.update(1)
                 buffers[i] = {k: [] for k in buf}

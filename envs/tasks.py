@@ -17,8 +17,10 @@ STACK_INSTRUCTION = "Stack the red block on the blue block, then stack the green
 STACK_TASKS = (STACK_CUBE, f"{STACK_CUBE}-Cosmos")
 # leanvla's own tasks, each built from an Isaac Lab task: id -> the Isaac Lab id it starts from.
 LIFT_CUBE = "Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor"
-LEANVLA_TASKS = {LIFT_CUBE: STACK_CUBE}
+LIFT_RED_OR_BLUE = "Leanvla-Lift-Red-Or-Blue-Cube-Franka-IK-Rel-Visuomotor"
+LEANVLA_TASKS = {LIFT_CUBE: STACK_CUBE, LIFT_RED_OR_BLUE: STACK_CUBE}
 LIFT_INSTRUCTION = "Pick up the red block."
+LIFT_BLUE_INSTRUCTION = "Pick up the blue block."
 
 # Franka finger drives [N/m, N·s/m]. Isaac Lab's Franka config leaves them `None` (read from the USD) and drives
 # only finger 1, relying on a mimic constraint for finger 2; kit-less, both fingers are driven directly.
@@ -30,6 +32,8 @@ TCP_OFFSET = 0.1034
 def spec_for(task: str) -> TaskSpec:
     if task == LIFT_CUBE:
         return LiftCubeSpec()
+    if task == LIFT_RED_OR_BLUE:
+        return LiftRedOrBlueSpec()
     return StackCubeSpec() if task in STACK_TASKS else GenericSpec()
 
 
@@ -76,6 +80,10 @@ class GenericSpec:
 
     def bind(self, env, adapter) -> None:
         pass
+
+    def instructions(self, num_envs: int) -> str | list[str]:
+        """The language instruction: one for every sub-env, or one per sub-env (a multi-task env)."""
+        return self.instruction
 
     def observe(self, obs: dict) -> dict[str, torch.Tensor]:
         policy = obs["policy"]
@@ -277,10 +285,16 @@ class StackCubeSpec(GenericSpec):
         }
 
 
-def red_cube_lifted(env, height: float) -> torch.Tensor:
-    """[N] bool: the red block's centre is `height` above its resting height."""
-    z = env.scene[CUBES[1]].data.root_pos_w.torch[:, 2] - env.scene.env_origins[:, 2]
+def cube_lifted(env, height: float, cube: str = CUBES[1]) -> torch.Tensor:
+    """[N] bool: the block's centre (by default the red one's) is `height` above its resting height."""
+    z = env.scene[cube].data.root_pos_w.torch[:, 2] - env.scene.env_origins[:, 2]
     return z > CUBE_POSE_RANGE["z"][0] + height
+
+
+def instructed_cube_lifted(env, height: float) -> torch.Tensor:
+    """[N] bool: the block each sub-env is told to lift (LiftRedOrBlueSpec: red in even envs, blue in odd) is up."""
+    odd = torch.arange(env.num_envs, device=env.device) % 2 == 1
+    return torch.where(odd, cube_lifted(env, height, CUBES[0]), cube_lifted(env, height, CUBES[1]))
 
 
 class LiftCubeSpec(StackCubeSpec):
@@ -295,7 +309,19 @@ class LiftCubeSpec(StackCubeSpec):
         from isaaclab.managers import TerminationTermCfg
 
         super().patch(env_cfg, cfg)
-        env_cfg.terminations.success = TerminationTermCfg(func=red_cube_lifted, params={"height": LIFT_HEIGHT})
+        env_cfg.terminations.success = TerminationTermCfg(func=self.success_test, params={"height": LIFT_HEIGHT})
+
+    success_test = staticmethod(cube_lifted)
+
+
+class LiftRedOrBlueSpec(LiftCubeSpec):
+    """Two tasks in one vectorised env, told apart only by the instruction: even sub-envs are told to pick up the
+    red block, odd ones the blue block, and each succeeds once its own block is lifted LIFT_HEIGHT."""
+
+    success_test = staticmethod(instructed_cube_lifted)
+
+    def instructions(self, num_envs: int) -> list[str]:
+        return [LIFT_BLUE_INSTRUCTION if i % 2 else LIFT_INSTRUCTION for i in range(num_envs)]
 
 
 def _camera_rgb(env, name: str) -> torch.Tensor:

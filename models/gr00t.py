@@ -26,6 +26,7 @@ only on request; checkpoint I/O in the official layout is `models/gr00t_checkpoi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +40,16 @@ from torch import nn
 from torch.func import functional_call
 from transformers import Qwen3Config, Qwen3Model, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
 from models.gr00t_checkpoint import (
+    LEANVLA_CONFIG_FILE,
     METADATA_FILE,
+    SIGLIP_HEAD_PREFIX,
     VALUE_HEAD_PREFIX,
     config_mismatches,
+    export_tensors,
+    leanvla_config,
     official_config,
     read_json,
     read_model_tensors,
@@ -55,6 +61,7 @@ from models.gr00t_processor import (
     SPECIAL_TOKENS,
     Gr00tMetadata,
     Gr00tProcessor,
+    Instruction,
     PromptTokenizer,
     load_tokenizer,
     select_metadata,
@@ -292,7 +299,8 @@ class TimestepEncoder(nn.Module):
 
 
 class Attention(nn.Module):
-    """diffusers' Attention (to_q / to_k / to_v / to_out.0, biases), scaled dot-product attention, no mask."""
+    """diffusers' Attention (to_q / to_k / to_v / to_out.0, biases), scaled dot-product attention. `key_mask`
+    [N, Lk] (False: a padding token, not attended to) or None (no padding)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
@@ -309,10 +317,12 @@ class Attention(nn.Module):
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._split(self.to_k(context)), self._split(self.to_v(context))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         k, v = kv if kv is not None else self.kv(x)
         q = self._split(self.to_q(x))
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+        attn_mask = key_mask[:, None, None, :] if key_mask is not None else None
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask)
         return self.to_out[0](rearrange(out, "n h l d -> n l (h d)"))
 
 
@@ -366,9 +376,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, key_mask: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
-        x = x + self.attn1(h, kv)
+        x = x + self.attn1(h, kv, key_mask)
         return x + self.ff(self.norm3(x))
 
 
@@ -393,10 +404,12 @@ class DiT(nn.Module):
         context = context.to(compute_dtype_of(context))
         return [blk.attn1.kv(context) if i % 2 == 0 else None for i, blk in enumerate(self.transformer_blocks)]
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, kv: list) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, kv: list,
+                vl_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """vl_mask [N, L]: the VL tokens that cross-attention may attend to (None: all)."""
         temb = self.timestep_encoder(timesteps)
         for blk, blk_kv in zip(self.transformer_blocks, kv):
-            x = blk(x, temb, blk_kv)
+            x = blk(x, temb, blk_kv, vl_mask if blk_kv is not None else None)
         shift, scale = self.proj_out_1(F.silu(temb)).chunk(2, dim=1)
         return self.proj_out_2(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])
 
@@ -407,9 +420,9 @@ class SelfAttentionTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([
             TransformerBlock(cfg.llm_hidden, cfg.vl_heads, cfg.vl_head_dim) for _ in range(cfg.vl_layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         for blk in self.transformer_blocks:
-            x = blk(x)
+            x = blk(x, key_mask=key_mask)
         return x
 
 
@@ -428,19 +441,21 @@ class FlowMatchingActionHead(nn.Module):
         nn.init.normal_(self.future_tokens.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def condition(self, features: torch.Tensor, state: torch.Tensor, slot: int):
-        """Backbone features [N, L, D], normalised state [N, S] -> VL tokens, state token, cross-attention K/V."""
-        vl = self.vl_self_attention(self.vlln(features))
+    def condition(self, features: torch.Tensor, state: torch.Tensor, slot: int, mask: torch.Tensor | None = None):
+        """Backbone features [N, L, D], normalised state [N, S] -> VL tokens, state token, cross-attention K/V.
+        `mask` [N, L]: the real tokens of left-padded prompts (None: no padding). NVIDIA's action head attends to
+        padding too; masked here, a row's actions do not depend on the other prompts of its batch."""
+        vl = self.vl_self_attention(self.vlln(features), mask)
         state_token = self.state_encoder(state[:, None], slot)
         return vl, state_token, self.model.cross_kv(vl)
 
     def velocity(self, x: torch.Tensor, timesteps: torch.Tensor, state_token: torch.Tensor, kv: list,
-                 slot: int) -> torch.Tensor:
+                 slot: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted flow velocity [N, H, A] at the noisy chunk x [N, H, A], discretised time [N]."""
         n, horizon = x.shape[:2]
         a = self.action_encoder(x, timesteps, slot) + self.position_embedding.weight[:horizon]
         tokens = torch.cat([state_token.to(a.dtype), self.future_tokens.weight.to(a.dtype).expand(n, -1, -1), a], 1)
-        out = self.model(tokens, timesteps, kv)
+        out = self.model(tokens, timesteps, kv, mask)
         return self.action_decoder(out[:, -horizon:], slot)  # the decoder is row-wise: decode only the actions
 
 
@@ -470,15 +485,19 @@ class ValueHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Backbone: transformers' SigLIP and Qwen3, nested so that parameter names are the official ones
 # ---------------------------------------------------------------------------------------------------------------
+def siglip_config(cfg: Gr00tConfig) -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
+        patch_size=cfg.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+        vision_use_head=True,  # the attention-pooling head: in the official checkpoint, never computed by GR00T
+        attn_implementation="sdpa")
+
+
 class _VisionTower(nn.Module):  # backbone.eagle_model.vision_model.vision_model.*
     def __init__(self, cfg: Gr00tConfig):
         super().__init__()
-        self.vision_model = SiglipVisionModel(SiglipVisionConfig(
-            hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
-            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads, image_size=cfg.image_size,
-            patch_size=cfg.patch_size, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-            vision_use_head=False,  # the attention-pooling head: in the official model, never used by GR00T
-            attn_implementation="sdpa"))
+        self.vision_model = SiglipVisionModel(siglip_config(cfg))
 
 
 class _LanguageModel(nn.Module):  # backbone.eagle_model.language_model.model.* (lm_head: never computed)
@@ -553,67 +572,77 @@ class Gr00tModel(nn.Module):
         return getattr(self, op)(*args, **kwargs)
 
     # -- backbone --
-    def observe(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                image_positions: torch.Tensor) -> torch.Tensor:
-        """Images [N*V, 3, S, S] + one prompt [L] -> backbone features [N, L, D] (the LLM's normed last state)."""
-        eagle = self.backbone.eagle_model
-        vit = eagle.vision_model.vision_model(pixel_values=pixel_values).last_hidden_state
+    def observe(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, image_positions: torch.Tensor,
+                prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [N*V, 3, S, S] and the prompt -> backbone features [N, L, D] (the LLM's normed last state).
+
+        One prompt for the batch: input_ids [L], image_positions [V*P], prompt_mask None. One prompt per row:
+        input_ids [N, L] left-padded, image_positions [N, V*P], prompt_mask [N, L] (False: padding)."""
+        eagle, siglip = self.backbone.eagle_model, self.backbone.eagle_model.vision_model.vision_model
+        # SigLIP's last hidden state; its pooling head, which GR00T does not use, is not run
+        vit = siglip.post_layernorm(siglip.encoder(inputs_embeds=siglip.embeddings(pixel_values)).last_hidden_state)
         vit = eagle.mlp1(vit)                                               # [N*V, P, D]
         lm = eagle.language_model.model
-        text = lm.embed_tokens(input_ids)                                    # [L, D]
         n = pixel_values.shape[0] // self.cfg.num_views
-        embeds = text.unsqueeze(0).repeat(n, 1, 1)
-        embeds[:, image_positions] = rearrange(vit, "(n v) p d -> n (v p) d", n=n).to(embeds.dtype)
-        # One prompt for the batch, so no padding: plain causal attention. Passing the mask mapping skips
-        # transformers' mask construction, which would build an explicit mask (no flash kernel) under CUDA graphs.
-        return lm(inputs_embeds=embeds, attention_mask={"full_attention": None}, use_cache=False).last_hidden_state
+        vit = rearrange(vit, "(n v) p d -> n (v p) d", n=n)
+        if prompt_mask is None:
+            embeds = lm.embed_tokens(input_ids).unsqueeze(0).repeat(n, 1, 1)  # [N, L, D]
+            embeds[:, image_positions] = vit.to(embeds.dtype)
+            # No padding: plain causal attention. Passing the mask mapping skips transformers' mask construction,
+            # which would build an explicit mask (no flash kernel) under CUDA graphs.
+            attention = None
+        else:
+            embeds = lm.embed_tokens(input_ids)
+            embeds[torch.arange(n, device=embeds.device)[:, None], image_positions] = vit.to(embeds.dtype)
+            attention = causal_padding_mask(prompt_mask)
+        return lm(inputs_embeds=embeds, attention_mask={"full_attention": attention}, use_cache=False).last_hidden_state
 
     # -- action head --
     def _timesteps(self, steps: torch.Tensor) -> torch.Tensor:
         return steps * self.cfg.num_timestep_buckets // self.cfg.num_inference_steps  # int(k / K * buckets)
 
-    def value(self, vl: torch.Tensor, mask: torch.Tensor, state_token: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1).to(vl.dtype)
-        pooled = (vl * m).sum(1) / m.sum(1).clamp_min(1)
+    def value(self, vl: torch.Tensor, mask: torch.Tensor | None, state_token: torch.Tensor) -> torch.Tensor:
+        """The value MLP on the mean of the real VL tokens (mask [N, L]; None: all) and the state token."""
+        pooled = vl.mean(1) if mask is None else (vl * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         x = torch.cat([pooled, state_token[:, 0].to(pooled.dtype)], dim=-1)
         return self.value_head(x.detach() if self.cfg.value_detach_input else x).float()
 
-    def act(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor, noise: torch.Tensor,
+    def act(self, features: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor, noise: torch.Tensor,
             sde_steps: torch.Tensor, horizon: int, dims: int, noise_level: float):
         """Denoise noise[:, 0] with the per-step noise noise[:, k + 1]; rows' stochastic steps are `sde_steps`
-        [N, M] (-1: none). Returns the chain [N, K+1, H, A], its log-prob [N] and the value [N]."""
+        [N, M] (-1: none). `mask` [N, L]: the real tokens of padded prompts (None: no padding). Returns the chain
+        [N, K+1, H, A], its log-prob [N] and the value [N]."""
         head, slot, n = self.action_head, self.cfg.slot, noise.shape[0]
         num_steps = noise.shape[1] - 1
-        vl, state_token, kv = head.condition(features, state, slot)
+        vl, state_token, kv = head.condition(features, state, slot, mask)
         x = noise[:, 0]
         chain, logprob = [x], torch.zeros(n, device=x.device)
         for k in range(num_steps):
             step = torch.full((n,), k, dtype=torch.long, device=x.device)
-            v = head.velocity(x, self._timesteps(step), state_token, kv, slot).float()
+            v = head.velocity(x, self._timesteps(step), state_token, kv, slot, mask).float()
             mean, std = flow_step(x, v, step / num_steps, 1 / num_steps, noise_level, (sde_steps == k).any(-1))
             x = mean + std * noise[:, k + 1]
             logprob = logprob + step_logprob(x, mean, std, horizon, dims)
             chain.append(x)
         return torch.stack(chain, 1), logprob, self.value(vl, mask, state_token)
 
-    def sample(self, pixel_values, input_ids, image_positions, state, noise, sde_steps, **rl):
-        features = self.observe(pixel_values, input_ids, image_positions)
-        mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-        return (features, mask, *self.act(features, mask, state, noise, sde_steps, **rl))
+    def sample(self, pixel_values, input_ids, image_positions, prompt_mask, state, noise, sde_steps, **rl):
+        features = self.observe(pixel_values, input_ids, image_positions, prompt_mask)
+        return (features, *self.act(features, prompt_mask, state, noise, sde_steps, **rl))
 
-    def evaluate(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor, chain: torch.Tensor,
+    def evaluate(self, features: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor, chain: torch.Tensor,
                  sde_steps: torch.Tensor, horizon: int, dims: int, noise_level: float):
         """Log-prob [N] of the stored chain's stochastic steps under the current params, and the value [N]."""
         head, slot, n = self.action_head, self.cfg.slot, chain.shape[0]
         num_steps = chain.shape[1] - 1
-        vl, state_token, kv = head.condition(features, state, slot)
+        vl, state_token, kv = head.condition(features, state, slot, mask)
         rows = torch.arange(n, device=chain.device)
         logprob = torch.zeros(n, device=chain.device)
         for m in range(sde_steps.shape[1]):
             step = sde_steps[:, m]
             live, step = step >= 0, step.clamp_min(0)
             x, x_next = chain[rows, step], chain[rows, step + 1]
-            v = head.velocity(x, self._timesteps(step), state_token, kv, slot).float()
+            v = head.velocity(x, self._timesteps(step), state_token, kv, slot, mask).float()
             mean, std = flow_step(x, v, step / num_steps, 1 / num_steps, noise_level, live)
             logprob = logprob + step_logprob(x_next, mean, std, horizon, dims)
         return logprob, self.value(vl, mask, state_token)
@@ -621,18 +650,27 @@ class Gr00tModel(nn.Module):
     def flow_matching_loss(self, features, mask, state, actions, action_mask, noise, t):
         """GR00T's training loss: velocity MSE at x_t = (1 - t) noise + t action, over the valid dims."""
         head, slot = self.action_head, self.cfg.slot
-        _, state_token, kv = head.condition(features, state, slot)
+        _, state_token, kv = head.condition(features, state, slot, mask)
         t3 = t.view(-1, 1, 1)
         x_t = (1 - t3) * noise + t3 * actions
         timesteps = (t * self.cfg.num_timestep_buckets).long()
-        v = head.velocity(x_t, timesteps, state_token, kv, slot).float()
+        v = head.velocity(x_t, timesteps, state_token, kv, slot, mask).float()
         return ((v - (actions - noise)).square() * action_mask).sum() / action_mask.sum()
 
-    def observe_value(self, pixel_values, input_ids, image_positions, state):
-        features = self.observe(pixel_values, input_ids, image_positions)
-        mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-        vl, state_token, _ = self.action_head.condition(features, state, self.cfg.slot)
-        return self.value(vl, mask, state_token)
+    def observe_value(self, pixel_values, input_ids, image_positions, prompt_mask, state):
+        features = self.observe(pixel_values, input_ids, image_positions, prompt_mask)
+        vl, state_token, _ = self.action_head.condition(features, state, self.cfg.slot, prompt_mask)
+        return self.value(vl, prompt_mask, state_token)
+
+
+def causal_padding_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """[N, L] real tokens of left-padded prompts -> [N, 1, L, L] bool: each token attends to the real tokens up to
+    itself. A padding token attends to itself alone, so that its (unused) state stays finite: a row of nothing but
+    masked keys would be NaN, and NaN values leak through zero attention weights."""
+    length = prompt_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=prompt_mask.device).tril()
+    itself = torch.eye(length, dtype=torch.bool, device=prompt_mask.device)
+    return (causal & (prompt_mask[:, None, :] | itself))[:, None]
 
 
 def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
@@ -646,6 +684,16 @@ def _build_skeleton(cfg: Gr00tConfig, device: torch.device) -> Gr00tModel:
     lm.rotary_emb = Qwen3RotaryEmbedding(lm.config, device=device)
     assert not [n for n, b in model.named_buffers() if b.is_meta]
     return model
+
+
+def padding_mask(backbone_mask: torch.Tensor) -> torch.Tensor | None:
+    """A stored backbone_mask [N, L] as the model takes it: None where no row has padding (the unmasked kernels,
+    as `sample` ran them for a batch of one prompt)."""
+    return None if bool(backbone_mask.all()) else backbone_mask
+
+
+def _read_optional_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -715,6 +763,8 @@ class Gr00tPolicy:
         c = self.cfg
         if name.startswith(VALUE_HEAD_PREFIX):
             return True
+        if name.startswith(SIGLIP_HEAD_PREFIX):  # never computed: kept only to write the official layout back
+            return False
         if name.startswith("backbone.eagle_model.language_model."):
             return c.tune_llm
         if name.startswith(("backbone.eagle_model.vision_model.", "backbone.eagle_model.mlp1.")):
@@ -766,19 +816,24 @@ class Gr00tPolicy:
                 for n, t in params.items()}
 
     def load(self, path_or_hub_id: str) -> dict[str, torch.Tensor]:
-        """Params from a checkpoint in the official layout (hub id or local dir); strict on names and shapes.
+        """Params from a checkpoint in the official layout (hub id or local dir), in any of its dtype layouts;
+        strict on names and shapes.
 
-        Accepted beyond the model's keys: SigLIP's unused pooling head and the tied LM head (dropped); RLinf's
-        action_head.value_head.* (renamed value_head.*). A checkpoint without a value head (every official one)
-        gets a fresh one (seed 0)."""
+        The value head comes from leanvla_rl.safetensors, or RLinf's action_head.value_head.* (renamed value_head.*);
+        a checkpoint without one (every official one) gets a fresh one (seed 0). The tied LM head is dropped. A
+        checkpoint without SigLIP's pooling head, which GR00T never computes, gets a seeded one, so that `save`
+        writes the whole official layout."""
         directory = resolve_checkpoint(path_or_hub_id)
-        mismatches = config_mismatches(self.cfg, read_json(directory, "config.json", "the model config"))
+        mismatches = config_mismatches(self.cfg, read_json(directory, "config.json", "the model config"),
+                                       _read_optional_json(directory / LEANVLA_CONFIG_FILE))
         if mismatches:
             raise ValueError(f"checkpoint {directory} does not match the policy's config: " + "; ".join(mismatches))
         tensors = read_model_tensors(directory, self.device)
-        if not any(k.startswith(VALUE_HEAD_PREFIX) for k in tensors):
-            tensors.update(self._random_tensors(0, lambda: ValueHead(self.cfg.llm_hidden + self.cfg.dit_dim,
-                                                                      self.cfg.value_hidden), VALUE_HEAD_PREFIX))
+        c = self.cfg
+        for prefix, build in ((VALUE_HEAD_PREFIX, lambda: ValueHead(c.llm_hidden + c.dit_dim, c.value_hidden)),
+                              (SIGLIP_HEAD_PREFIX, lambda: SiglipMultiheadAttentionPoolingHead(siglip_config(c)))):
+            if not any(k.startswith(prefix) for k in tensors):
+                tensors.update(self._random_tensors(0, build, prefix))
         self._check_tensors(tensors, str(directory))
         metadata_json = read_json(directory, METADATA_FILE, "normalisation statistics")
         self.set_metadata(select_metadata(metadata_json, self.cfg.embodiment_tag))
@@ -802,24 +857,26 @@ class Gr00tPolicy:
                              + " | ".join(problems))
 
     def save(self, params: dict[str, torch.Tensor], path: str) -> None:
-        """The official layout: config.json, sharded safetensors + model.safetensors.index.json,
-        experiment_cfg/metadata.json (value_head.* ride along in the shards). Atomic."""
+        """Export in the official layout, which NVIDIA's code loads unchanged: config.json, the official tensors
+        (backbone bf16, action head fp32) in sharded safetensors + model.safetensors.index.json,
+        experiment_cfg/metadata.json. What only leanvla reads goes beside them: the value head in
+        leanvla_rl.safetensors, the whole Gr00tConfig in leanvla_config.json. Atomic."""
         self._check_tensors(params, "params")
         if not self.metadata_json:
             raise RuntimeError("cannot save without normalisation metadata (experiment_cfg/metadata.json): load a "
                                "checkpoint or pass metadata= first")
-        write_checkpoint_dir(Path(path), params, official_config(self.cfg), self.metadata_json,
-                             self.max_shard_bytes)
+        model_tensors, rl_tensors = export_tensors(params)
+        write_checkpoint_dir(Path(path), model_tensors, official_config(self.cfg), self.metadata_json,
+                             self.max_shard_bytes, rl_tensors, leanvla_config(self.cfg))
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, device: str | torch.device = "cpu", **overrides):
-        """(policy, params) with the config read from the checkpoint: its `leanvla` section, or the official 3B
+        """(policy, params) with the config read from the checkpoint: its leanvla_config.json, or the official 3B
         sizes for checkpoints written by Isaac-GR00T / RLinf. `overrides` set runtime options (e.g. noise_level)."""
         directory = resolve_checkpoint(path_or_hub_id)
-        config_json = read_json(directory, "config.json", "the model config")
         fields = {f.name for f in dataclasses.fields(Gr00tConfig)}
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in config_json.get("leanvla", {}).items()
-                 if k in fields}
+        saved = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in (_read_optional_json(directory / LEANVLA_CONFIG_FILE) or {}).items() if k in fields}
         saved["normalization_overrides"] = tuple(tuple(p) for p in saved.get("normalization_overrides", ()))
         policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer") if k in overrides}
         cfg = dataclasses.replace(Gr00tConfig(), **{**saved, **overrides})
@@ -838,23 +895,26 @@ class Gr00tPolicy:
         return {"horizon": self.cfg.executed_actions, "dims": self.processor.action_dim,
                 "noise_level": self.cfg.noise_level}
 
-    def sample_core(self, params, rgb, state, input_ids, image_positions, noise, sde_steps) -> dict:
+    def sample_core(self, params, rgb, state, input_ids, image_positions, prompt_mask, noise, sde_steps) -> dict:
         """The whole of `sample` after the random draws: a pure function of tensors (CUDA-graphable)."""
         proc = self.processor
         with self._autocast():
             pixels = proc.pixel_values(rgb)
             state_norm = proc.normalize_state(state)
-            features, mask, chain, logprob, value = functional_call(
-                self.model, params, ("sample", pixels, input_ids, image_positions, state_norm, noise, sde_steps),
-                self._rl_kwargs())
+            features, chain, logprob, value = functional_call(
+                self.model, params, ("sample", pixels, input_ids, image_positions, prompt_mask, state_norm, noise,
+                                     sde_steps), self._rl_kwargs())
+        mask = prompt_mask if prompt_mask is not None else torch.ones(features.shape[:2], dtype=torch.bool,
+                                                                      device=features.device)
         return {"actions": proc.env_actions(chain[:, -1]), "logprob": logprob, "value": value,
                 "backbone_features": features, "backbone_mask": mask, "state_norm": state_norm, "chain": chain,
                 "sde_steps": sde_steps}
 
     @torch.no_grad()
-    def sample(self, params: dict[str, torch.Tensor], obs: dict[str, torch.Tensor], instruction: str = "",
+    def sample(self, params: dict[str, torch.Tensor], obs: dict[str, torch.Tensor], instruction: Instruction = "",
                generator: torch.Generator | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
-        """Act on a batch: obs = {"rgb": uint8 [N, V, H, W, 3], "state": float [N, S]}.
+        """Act on a batch: obs = {"rgb": uint8 [N, V, H, W, 3], "state": float [N, S]}; `instruction` one string
+        for the batch, or one per row (left-padded to the longest, as the official processor batches prompts).
 
         Returns actions [N, T, A_env] (env units), logprob [N] (Flow-SDE chain; 0 when deterministic), value [N],
         state [N, S] (obs['state'] as given), and what `evaluate` needs: backbone_features [N, L, D], backbone_mask
@@ -868,7 +928,7 @@ class Gr00tPolicy:
         if rgb.shape[0] != state.shape[0]:
             raise ValueError(f"obs['rgb'] has {rgb.shape[0]} rows, obs['state'] {state.shape[0]}")
         n, c, steps = rgb.shape[0], self.cfg, self.cfg.num_inference_steps
-        input_ids, image_positions = proc.prompt(instruction)
+        input_ids, image_positions, prompt_mask = proc.prompts(instruction, n)
         gen_device = generator.device if generator is not None else self.device
         noise = torch.randn((n, steps + 1, c.action_horizon, c.action_dim), generator=generator,
                             device=gen_device).to(self.device)
@@ -879,7 +939,8 @@ class Gr00tPolicy:
             sde_steps = step.expand(n, 1).clone()
         else:
             sde_steps = torch.arange(steps, device=self.device).expand(n, steps).clone()
-        return {**self.sample_fn(params, rgb, state, input_ids, image_positions, noise, sde_steps), "state": state}
+        out = self.sample_fn(params, rgb, state, input_ids, image_positions, prompt_mask, noise, sde_steps)
+        return {**out, "state": state}
 
     def _evaluate_core(self, params, features, mask, state_norm, chain, sde_steps):
         with self._autocast():
@@ -890,27 +951,27 @@ class Gr00tPolicy:
                  batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Differentiable log-prob [N] and value [N] of `sample`'s output rows under `params`; entropy None (the
         Flow-SDE noise is fixed, so its entropy does not depend on the params)."""
-        logprob, value = self._evaluate_core(params, batch["backbone_features"], batch["backbone_mask"],
+        logprob, value = self._evaluate_core(params, batch["backbone_features"], padding_mask(batch["backbone_mask"]),
                                              batch["state_norm"], batch["chain"], batch["sde_steps"])
         return logprob, value, None
 
     @torch.no_grad()
     def value(self, params: dict[str, torch.Tensor], obs: dict[str, torch.Tensor],
-              instruction: str = "") -> torch.Tensor:
+              instruction: Instruction = "") -> torch.Tensor:
         proc = self.processor
         rgb, state = obs["rgb"].to(self.device), obs["state"].to(self.device)
         proc.check_rgb(rgb)
         proc.check_state(state)
-        input_ids, image_positions = proc.prompt(instruction)
+        input_ids, image_positions, prompt_mask = proc.prompts(instruction, rgb.shape[0])
         with self._autocast():
             return functional_call(self.model, params, ("observe_value", proc.pixel_values(rgb), input_ids,
-                                                        image_positions, proc.normalize_state(state)))
+                                                        image_positions, prompt_mask, proc.normalize_state(state)))
 
     # -- supervised fine-tuning --
     def sft_loss(self, params: dict[str, torch.Tensor], batch: dict[str, Any],
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """GR00T's flow-matching loss on demonstrations: batch = {"rgb", "state", "instruction",
-        "actions": [N, action_horizon, A_env] env units} (or cached "backbone_features"/"backbone_mask"/
+        """GR00T's flow-matching loss on demonstrations: batch = {"rgb", "state", "instruction" (one string, or one
+        per row), "actions": [N, action_horizon, A_env] env units} (or cached "backbone_features"/"backbone_mask"/
         "state_norm" instead of rgb/state). Time t = (s - Beta(1.5, 1)) / s, s = 0.999."""
         proc, c = self.processor, self.cfg
         actions = batch["actions"].to(self.device)
@@ -920,17 +981,17 @@ class Gr00tPolicy:
         n = actions.shape[0]
         with self._autocast():
             if "backbone_features" in batch:
-                features, mask, state_norm = batch["backbone_features"], batch["backbone_mask"], batch["state_norm"]
+                features, state_norm = batch["backbone_features"], batch["state_norm"]
+                mask = padding_mask(batch["backbone_mask"])
             else:
                 rgb, state = batch["rgb"].to(self.device), batch["state"].to(self.device)
                 proc.check_rgb(rgb)
                 proc.check_state(state)
-                input_ids, image_positions = proc.prompt(batch.get("instruction", ""))
+                input_ids, image_positions, mask = proc.prompts(batch.get("instruction", ""), n)
                 state_norm = proc.normalize_state(state)
                 with torch.set_grad_enabled(torch.is_grad_enabled() and (c.tune_llm or c.tune_visual)):
                     features = functional_call(self.model, params, ("observe", proc.pixel_values(rgb), input_ids,
-                                                                    image_positions))
-                mask = torch.ones(features.shape[:2], dtype=torch.bool, device=self.device)
+                                                                    image_positions, mask))
             target, action_mask = proc.normalize_actions(actions)
             gen_device = generator.device if generator is not None else self.device
             noise = torch.randn(target.shape, generator=generator, device=gen_device).to(self.device)

@@ -1,13 +1,17 @@
 """GR00T N1.5 checkpoints in the official layout (Isaac-GR00T's `save_pretrained`), read and written by name.
 
     directory/
-      config.json                      GR00T_N1_5_Config (+ this project's whole Gr00tConfig under "leanvla")
+      config.json                      GR00T_N1_5_Config
       model.safetensors.index.json     weight map of the shards (or one model.safetensors)
-      model-0000i-of-0000n.safetensors the tensors, by their official names
+      model-0000i-of-0000n.safetensors the official tensors by their official names: the backbone in bf16, the
+                                       action head in fp32 (SigLIP's pooling head included, the tied LM head not)
       experiment_cfg/metadata.json     normalisation statistics and modality layout per embodiment
+      leanvla_rl.safetensors           what only leanvla reads: the RL value head (absent from official ones)
+      leanvla_config.json              leanvla's whole Gr00tConfig (sizes of the small presets, the RL head)
 
-A hub id (`nvidia/GR00T-N1.5-3B`, `RLinf/RLinf-Gr00t-SFT-Stack-cube`) is fetched with huggingface_hub; a local
-directory is read as is. Writing is atomic: a temporary directory beside the target, renamed into place.
+NVIDIA's code reads the first four and ignores the rest. A hub id (`nvidia/GR00T-N1.5-3B`,
+`RLinf/RLinf-Gr00t-SFT-Stack-cube`) is fetched with huggingface_hub; a local directory is read as is. Writing is
+atomic: a temporary directory beside the target, renamed into place.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
     from models.gr00t import Gr00tConfig
@@ -37,14 +42,17 @@ SIZE_FIELDS = ("image_size", "patch_size", "vision_hidden", "vision_layers", "vi
 
 INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILE = Path("experiment_cfg") / "metadata.json"
+RL_FILE = "leanvla_rl.safetensors"
+LEANVLA_CONFIG_FILE = "leanvla_config.json"
+# The LM head: tied to the token embedding and never computed (GR00T uses hidden states, not logits). Official
+# checkpoints leave it out; one that holds it instead of the embedding is read as the embedding.
 LM_HEAD = "backbone.eagle_model.language_model.lm_head.weight"
 EMBED_TOKENS = "backbone.eagle_model.language_model.model.embed_tokens.weight"
-# Official keys the computation never reads: SigLIP's attention-pooling head, and the LM head (tied to the
-# token embedding; GR00T uses hidden states, not logits). Accepted on load and dropped.
-UNUSED_OFFICIAL_KEYS = re.compile(r"^backbone\.eagle_model\.vision_model\.vision_model\.head\.|^" + re.escape(LM_HEAD)
-                                  + "$")
+SIGLIP_HEAD_PREFIX = "backbone.eagle_model.vision_model.vision_model.head."
 VALUE_HEAD_PREFIX = "value_head."
 RLINF_VALUE_HEAD_PREFIX = "action_head.value_head."
+# The official checkpoint's dtypes by name prefix: the Eagle backbone in bf16, the action head in fp32.
+OFFICIAL_DTYPES = {"backbone.": torch.bfloat16, "action_head.": torch.float32}
 
 
 def resolve_checkpoint(path_or_hub_id: str) -> Path:
@@ -68,7 +76,8 @@ def resolve_checkpoint(path_or_hub_id: str) -> Path:
 
 
 def official_config(cfg: Gr00tConfig) -> dict:
-    """config.json as Isaac-GR00T writes it (GR00T_N1_5_Config), plus this project's full config under 'leanvla'."""
+    """config.json as Isaac-GR00T writes it (GR00T_N1_5_Config). The tune_* flags say which parts this model's
+    training here updated, as NVIDIA's fine-tuning writes them."""
     block = {"dropout": 0.2, "final_dropout": True, "positional_embeddings": None}
     return {
         "action_dim": cfg.action_dim,
@@ -100,14 +109,20 @@ def official_config(cfg: Gr00tConfig) -> dict:
         "model_dtype": "float32",
         "model_type": "gr00t_n1_5",
         "torch_dtype": "bfloat16",
-        "leanvla": dataclasses.asdict(cfg),
+        "transformers_version": transformers.__version__,
     }
 
 
-def config_mismatches(cfg: Gr00tConfig, config_json: dict) -> list[str]:
-    """Where a checkpoint's config.json disagrees with `cfg` on a size (its `leanvla` section, else official keys)."""
-    if "leanvla" in config_json:
-        theirs = config_json["leanvla"]
+def leanvla_config(cfg: Gr00tConfig) -> dict:
+    """leanvla_config.json: every field of the Gr00tConfig (config.json cannot express the small presets' sizes)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_mismatches(cfg: Gr00tConfig, config_json: dict, leanvla_json: dict | None = None) -> list[str]:
+    """Where a checkpoint disagrees with `cfg` on a size: its leanvla_config.json if it has one (or the `leanvla`
+    section that config.json held in earlier exports), else config.json's official keys."""
+    theirs = leanvla_json if leanvla_json is not None else config_json.get("leanvla")
+    if theirs is not None:
         return [f"{f}: checkpoint {theirs[f]!r}, policy {getattr(cfg, f)!r}" for f in SIZE_FIELDS
                 if f in theirs and _plain(theirs[f]) != _plain(getattr(cfg, f))]
     head = config_json.get("action_head_cfg", {})
@@ -153,14 +168,28 @@ def read_checkpoint_tensors(directory: Path, device: torch.device) -> dict[str, 
 
 def read_model_tensors(directory: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors under the model's parameter names: the LM head (tied) stands in for a missing token
-    embedding, RLinf's action_head.value_head.* become value_head.*, and the official keys the computation never
-    reads (UNUSED_OFFICIAL_KEYS) are dropped."""
+    embedding and is dropped; the value head comes from leanvla_rl.safetensors, or from RLinf's
+    action_head.value_head.* in the shards."""
     tensors = read_checkpoint_tensors(directory, device)
-    if EMBED_TOKENS not in tensors and LM_HEAD in tensors:  # tied: either name may be the one saved
-        tensors[EMBED_TOKENS] = tensors[LM_HEAD]
+    lm_head = tensors.pop(LM_HEAD, None)
+    if EMBED_TOKENS not in tensors and lm_head is not None:  # tied: either name may be the one saved
+        tensors[EMBED_TOKENS] = lm_head
     tensors = {VALUE_HEAD_PREFIX + k.removeprefix(RLINF_VALUE_HEAD_PREFIX)  # RLinf keeps it in the action head
                if k.startswith(RLINF_VALUE_HEAD_PREFIX) else k: v for k, v in tensors.items()}
-    return {k: v for k, v in tensors.items() if not UNUSED_OFFICIAL_KEYS.search(k)}
+    if (directory / RL_FILE).is_file():
+        tensors.update(load_file(directory / RL_FILE, device=str(device)))
+    return tensors
+
+
+def official_dtype(name: str) -> torch.dtype:
+    return next(dtype for prefix, dtype in OFFICIAL_DTYPES.items() if name.startswith(prefix))
+
+
+def export_tensors(params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Params -> (the official checkpoint's tensors in its dtypes, leanvla's RL-only tensors: the value head)."""
+    model = {n: t.detach().to(official_dtype(n)) for n, t in params.items() if not n.startswith(VALUE_HEAD_PREFIX)}
+    rl = {n: t.detach() for n, t in params.items() if n.startswith(VALUE_HEAD_PREFIX)}
+    return model, rl
 
 
 def read_json(directory: Path, name: str | Path, what: str) -> dict:
@@ -172,9 +201,10 @@ def read_json(directory: Path, name: str | Path, what: str) -> dict:
 
 
 def write_checkpoint_dir(directory: Path, tensors: dict[str, torch.Tensor], config_json: dict, metadata_json: dict,
-                         max_shard_bytes: int) -> None:
-    """Sharded safetensors + index, config.json, experiment_cfg/metadata.json, written beside `directory` and
-    renamed into place, so a crash never leaves a torn checkpoint under that name."""
+                         max_shard_bytes: int, rl_tensors: dict[str, torch.Tensor] | None = None,
+                         leanvla_json: dict | None = None) -> None:
+    """Sharded safetensors + index, config.json, experiment_cfg/metadata.json, and leanvla's own two files, written
+    beside `directory` and renamed into place, so a crash never leaves a torn checkpoint under that name."""
     directory = directory.expanduser().absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -200,6 +230,11 @@ def write_checkpoint_dir(directory: Path, tensors: dict[str, torch.Tensor], conf
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         (tmp / METADATA_FILE).parent.mkdir()
         (tmp / METADATA_FILE).write_text(json.dumps(metadata_json, indent=2))
+        if rl_tensors:
+            save_file({k: t.to("cpu").contiguous() for k, t in rl_tensors.items()}, tmp / RL_FILE,
+                      metadata={"format": "pt"})
+        if leanvla_json is not None:
+            (tmp / LEANVLA_CONFIG_FILE).write_text(json.dumps(leanvla_json, indent=2))
         old = None
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"

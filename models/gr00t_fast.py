@@ -103,9 +103,10 @@ class FusedTransformerBlock(TransformerBlock):
     """TransformerBlock with its closing residual add in the feed-forward's output GEMM."""
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, key_mask: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         h = self.norm1(x, temb) if self.ada_norm else self.norm1(x)
-        x = x + self.attn1(h, kv)
+        x = x + self.attn1(h, kv, key_mask)
         return add_linear(x, self.ff.net[2], self.ff.net[0](self.norm3(x)))
 
 
@@ -221,7 +222,7 @@ def compile_blocks(model: Gr00tModel, mode: str = "default") -> list[nn.Module]:
 # CUDA graphs for a pure function of tensors
 # ---------------------------------------------------------------------------------------------------------------
 class CudaGraphed:
-    """Replays a CUDA graph of fn(params, *args) (args: tensors) captured once per input signature.
+    """Replays a CUDA graph of fn(params, *args) (args: tensors, or None) captured once per input signature.
 
     The graph reads params at the addresses it was captured with: updating them in place (optimizer.step) is seen
     by later replays; a params dict with other tensors is captured anew. Outputs are cloned out of the graph.
@@ -233,19 +234,21 @@ class CudaGraphed:
         self.pool = None
 
     def __call__(self, params: dict[str, torch.Tensor], *args: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = (tuple((a.shape, a.dtype) for a in args), tuple(t.data_ptr() for t in params.values()))
+        key = (tuple(None if a is None else (a.shape, a.dtype) for a in args),
+               tuple(t.data_ptr() for t in params.values()))
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:  # e.g. params replaced (not updated in place) every step
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = self._capture(params, args)
         graph, static_args, static_out = self.graphs[key]
         for s, a in zip(static_args, args):
-            s.copy_(a)
+            if a is not None:
+                s.copy_(a)
         graph.replay()
         return {k: v.clone() for k, v in static_out.items()}
 
     def _capture(self, params, args):
-        static_args = [a.clone() for a in args]
+        static_args = [None if a is None else a.clone() for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

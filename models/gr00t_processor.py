@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +38,9 @@ EAGLE_TOKENS = SPECIAL_TOKENS[SPECIAL_TOKENS.index("<IMG_CONTEXT>"):]
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 BUILTIN_TOKENIZER = "builtin"
 DEFAULT_INSTRUCTION = "Perform the default behavior."  # GR00TTransform.default_instruction
+PAD_TOKEN = "<|endoftext|>"  # Qwen's padding token
+Instruction = str | Sequence[str]
+"""One instruction for a whole batch, or one per row."""
 NORMALIZATION_MODES = ("min_max", "q99", "mean_std", "binary")
 GRIPPER_MODES = ("sign", "libero", "none")
 
@@ -348,6 +351,7 @@ class Gr00tProcessor:
             raise ValueError(f"metadata has {num_views} video views, the config expects {cfg.num_views}")
         self.tokenizer = tokenizer
         self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._padded: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- text --
     def prompt(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,6 +375,36 @@ class Gr00tProcessor:
             self._prompts[instruction] = (torch.tensor(ids, device=self.device),
                                           torch.tensor(positions, device=self.device))
         return self._prompts[instruction]
+
+    def prompts(self, instruction: Instruction, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The prompts of a batch of n rows: (token ids, image-token positions, padding mask).
+
+        One string, or n equal ones: ids [L], positions [V * tokens_per_view], mask None (no padding). n strings
+        that differ: ids [n, L] left-padded with the pad token to the longest prompt, positions
+        [n, V * tokens_per_view], mask [n, L] bool (False on padding), as the official Eagle processor batches
+        prompts."""
+        if isinstance(instruction, str):
+            return (*self.prompt(instruction), None)
+        if len(instruction) != n:
+            raise ValueError(f"got {len(instruction)} instructions for a batch of {n} rows (one per row, or one str)")
+        if len(set(instruction)) == 1:
+            return (*self.prompt(instruction[0]), None)
+        key = tuple(instruction)
+        if key not in self._padded:
+            rows = [self.prompt(text) for text in instruction]
+            length = max(len(ids) for ids, _ in rows)
+            pad = self.tokenizer.token_id(PAD_TOKEN)
+            ids = torch.full((n, length), pad, dtype=torch.long, device=self.device)
+            mask = torch.zeros((n, length), dtype=torch.bool, device=self.device)
+            positions = []
+            for i, (row_ids, row_positions) in enumerate(rows):
+                shift = length - len(row_ids)
+                ids[i, shift:], mask[i, shift:] = row_ids, True
+                positions.append(row_positions + shift)
+            if len(self._padded) >= 64:  # instruction lists vary little (one per env, tasks fixed): a small cache
+                self._padded.pop(next(iter(self._padded)))
+            self._padded[key] = (ids, torch.stack(positions), mask)
+        return self._padded[key]
 
     # -- images --
     def check_rgb(self, rgb: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ same policy object serves any number of param sets (the current params, a frozen
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -33,9 +33,10 @@ class Policy(Protocol):
         """Is this param the critic's (it gets the value learning rate and its own gradient clipping)?"""
         ...
 
-    def sample(self, params: Params, obs: dict[str, torch.Tensor], instruction: str = "",
+    def sample(self, params: Params, obs: dict[str, torch.Tensor], instruction: str | Sequence[str] = "",
                generator: torch.Generator | None = None, deterministic: bool = False) -> dict[str, torch.Tensor]:
-        """Act on a batch of N observations. Returns at least `actions` [N, T, A] (T env steps per decision),
+        """Act on a batch of N observations, given one instruction for the batch or one per row (the env's
+        `instruction`). Returns at least `actions` [N, T, A] (T env steps per decision),
         `logprob` [N], `value` [N] and `state` [N, S] (the observed state), plus whatever `evaluate` needs to
         recompute the log-prob of the same actions. Draws its randomness from `generator` alone."""
         ...
@@ -46,7 +47,8 @@ class Policy(Protocol):
         [N] (None where it does not depend on the params)."""
         ...
 
-    def value(self, params: Params, obs: dict[str, torch.Tensor], instruction: str = "") -> torch.Tensor:
+    def value(self, params: Params, obs: dict[str, torch.Tensor], instruction: str | Sequence[str] = "",
+              ) -> torch.Tensor:
         """V(obs) [N], for bootstrapping at the end of a rollout."""
         ...
 

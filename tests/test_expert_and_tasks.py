@@ -10,7 +10,8 @@ from envs import EnvConfig, make_env, record_demos
 from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_assets
 from envs.expert import DONE, StackExpert
 from envs.lerobot import LeRobotDataset
-from envs.tasks import LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, STACK_INSTRUCTION
+from envs.tasks import (LIFT_BLUE_INSTRUCTION, LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, LIFT_RED_OR_BLUE,
+                         STACK_INSTRUCTION)
 
 
 def test_offline_franka_has_real_drives():
@@ -77,6 +78,37 @@ def test_the_idle_action_holds_the_robot_still_after_a_reset():
         moved = (obs["state"] - start).abs()
         assert moved[:, :3].max() < 2e-3  # the tool centre point stays within 2 mm
         assert moved[:, 6:].max() < 2e-3  # and the fingers stay open
+    finally:
+        env.close()
+
+
+def test_two_instructions_in_one_env_each_succeed_on_their_own_block():
+    """Even envs are told to lift the red block, odd envs the blue one; a block raised in each env ends the episode
+    with success only where it is the instructed one."""
+    env = make_env(EnvConfig(task=LIFT_RED_OR_BLUE, num_envs=2, device="cpu", image_size=16))
+    try:
+        assert env.instruction == [LIFT_INSTRUCTION, LIFT_BLUE_INSTRUCTION]
+        scene = env.unwrapped.scene
+
+        def raise_block(cube: str, env_id: int) -> None:
+            ids = torch.tensor([env_id])
+            pose = torch.cat([scene[cube].data.root_pos_w.torch[ids], scene[cube].data.root_quat_w.torch[ids]], -1)
+            pose[:, 2] += 0.25
+            scene[cube].write_root_pose_to_sim_index(root_pose=pose, env_ids=ids)
+            scene[cube].write_root_velocity_to_sim_index(root_velocity=torch.zeros(1, 6), env_ids=ids)
+
+        def step():
+            _, reward, terminated, _, info = env.step(env.idle_action.expand(2, -1).contiguous())
+            return reward.tolist(), terminated.tolist(), info["success"].tolist()
+
+        env.reset(seed=0)
+        raise_block("cube_1", 0)            # the blue block, in the env told to lift the red one
+        raise_block("cube_2", 1)            # the red block, in the env told to lift the blue one
+        assert step() == ([0.0, 0.0], [False, False], [False, False])
+        env.reset(seed=0)
+        raise_block("cube_2", 0)
+        raise_block("cube_1", 1)
+        assert step() == ([1.0, 1.0], [True, True], [True, True])
     finally:
         env.close()
 

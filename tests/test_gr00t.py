@@ -1,6 +1,7 @@
 """GR00T N1.5 policy (CPU, the gr00t-tiny preset): checkpoint layout, Flow-SDE log-probs, determinism, gradients."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributions import Normal
 
 from models.gr00t import EMBODIMENT_SLOTS, Gr00tConfig, Gr00tModel, Gr00tPolicy, _build_skeleton
+from models.gr00t_checkpoint import export_tensors, official_config, official_dtype
 from tests.test_gr00t_processor import make_metadata
 
 INSTRUCTION = "Stack the red block on the blue block, then stack the green block on the red block."
@@ -98,7 +100,9 @@ def test_official_key_names_and_shapes():
     for name, shape in expected.items():
         assert shapes.get(name) == shape, name
     assert not any(n.startswith("backbone.eagle_model.language_model.model.layers.12.") for n in shapes)
-    assert not any(n.startswith("backbone.eagle_model.vision_model.vision_model.head.") for n in shapes)
+    # SigLIP's attention-pooling head: in the official checkpoint, never computed by GR00T
+    head = {n: s for n, s in shapes.items() if n.startswith("backbone.eagle_model.vision_model.vision_model.head.")}
+    assert len(head) == 11 and head["backbone.eagle_model.vision_model.vision_model.head.probe"] == (1, 1, 1152)
     assert not any("lm_head" in n or "eagle_linear" in n for n in shapes)
     assert not any("norm3.weight" in n for n in shapes if n.startswith("action_head.model."))  # DiT: no affine
     # per DiT block: norm1.linear, attn1.to_q / to_k / to_v / to_out.0, ff.net.0.proj, ff.net.2 (weight + bias)
@@ -133,7 +137,36 @@ def rewrite_checkpoint(path, edit):
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+OFFICIAL_LAYOUT = json.loads((Path(__file__).parent / "data" / "gr00t_n15_3b_official_layout.json").read_text())
+
+
+def as_exported(params):
+    """params as an export holds them: the backbone rounded to bf16 (then back to the param's dtype)."""
+    return {n: t.detach().to(official_dtype(n)).to(t.dtype) if not n.startswith("value_head.") else t.detach()
+            for n, t in params.items()}
+
+
+def test_export_of_the_3b_model_has_exactly_the_official_tensors_and_config_keys():
+    """The 3B model's export: the 898 official tensors (names, shapes, dtypes: backbone bf16, action head fp32), the
+    value head apart, and config.json with exactly the official keys. Checked on the meta device (no memory)."""
+    policy = Gr00tPolicy("gr00t-n1.5-3b")
+    params = {n: torch.empty(s, device="meta") for n, s in policy.param_shapes.items()}
+    model_tensors, rl_tensors = export_tensors(params)
+    got = {n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in model_tensors.items()}
+    assert len(got) == OFFICIAL_LAYOUT["num_tensors"] == 898 and got == OFFICIAL_LAYOUT["tensors"]
+    assert sorted(rl_tensors) == sorted(n for n in params if n.startswith("value_head.")) and len(rl_tensors) == 8
+
+    def keys(d):
+        return {k: keys(v) if isinstance(v, dict) else None for k, v in d.items()}
+
+    config = official_config(policy.cfg)
+    assert keys(config) == OFFICIAL_LAYOUT["config_keys"]
+    assert config["transformers_version"] and config["backbone_cfg"]["select_layer"] == 12
+
+
 def test_save_then_load_is_exact_in_the_official_layout(tmp_path):
+    """An export holds the official tensors in the official dtypes and leanvla's value head apart; loading it gives
+    the exported values bit for bit, and exporting those again writes the same tensors."""
     policy = make_policy()
     policy.max_shard_bytes = 200_000                       # force several shards
     params = policy.init(seed=1)
@@ -147,27 +180,51 @@ def test_save_then_load_is_exact_in_the_official_layout(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((ckpt / s).exists() for s in shards)
     assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
-    assert set(index["weight_map"]) == set(params)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in params.values())
+    official = {n for n in params if not n.startswith("value_head.")}
+    assert set(index["weight_map"]) == official
+    written = {}
+    for s in shards:
+        written.update(load_file(ckpt / s))
+    assert all(t.dtype == (torch.bfloat16 if n.startswith("backbone.") else torch.float32) for n, t in written.items())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    assert set(load_file(ckpt / "leanvla_rl.safetensors")) == set(params) - official
     config = json.loads((ckpt / "config.json").read_text())
     assert config["model_type"] == "gr00t_n1_5" and config["backbone_cfg"]["select_layer"] == 2
-    assert config["action_head_cfg"]["diffusion_model_cfg"]["num_layers"] == 2
+    assert config["action_head_cfg"]["diffusion_model_cfg"]["num_layers"] == 2 and "leanvla" not in config
+    assert json.loads((ckpt / "leanvla_config.json").read_text())["dit_layers"] == 2
     assert json.loads((ckpt / "experiment_cfg" / "metadata.json").read_text()) == {"new_embodiment": make_metadata()}
 
     other = Gr00tPolicy(Gr00tConfig.preset("gr00t-tiny"))          # no metadata until loaded
     loaded = other.load(str(ckpt))
+    exported = as_exported(params)
     assert list(loaded) == list(params)
-    for name, t in params.items():
+    for name, t in exported.items():
         assert torch.equal(loaded[name], t), name
-        assert loaded[name].dtype == t.dtype and loaded[name].requires_grad == t.requires_grad
+        assert loaded[name].dtype == t.dtype and loaded[name].requires_grad == params[name].requires_grad
     assert other.processor.metadata.entry == make_metadata()
     assert other.action_dim == 7 and other.action_horizon == 16
-    out_a = policy.sample(params, make_obs(), INSTRUCTION, gen(0))
+    out_a = policy.sample(exported, make_obs(), INSTRUCTION, gen(0))
     out_b = other.sample(loaded, make_obs(), INSTRUCTION, gen(0))
     assert torch.equal(out_a["actions"], out_b["actions"]) and torch.equal(out_a["logprob"], out_b["logprob"])
 
     policy2, params2 = Gr00tPolicy.from_pretrained(str(ckpt))       # the config comes from the checkpoint
-    assert policy2.cfg == policy.cfg and all(torch.equal(params2[k], params[k]) for k in params)
+    assert policy2.cfg == policy.cfg and all(torch.equal(params2[k], loaded[k]) for k in params)
+    policy2.save(params2, str(tmp_path / "again"))                 # a round trip writes the same tensors
+    again = {}
+    for s in sorted(set(json.loads((tmp_path / "again" / "model.safetensors.index.json").read_text())
+                        ["weight_map"].values())):
+        again.update(load_file(tmp_path / "again" / s))
+    assert again.keys() == written.keys() and all(torch.equal(again[n], written[n]) for n in written)
+
+
+def test_both_official_dtype_layouts_load(tmp_path, policy, params):
+    """A checkpoint with every tensor in fp32 (as RLinf's fine-tuned ones) and one in the official mixed dtypes
+    load to the same params, up to the bf16 rounding of the backbone."""
+    policy.save(params, str(tmp_path / "mixed"))
+    policy.save(params, str(tmp_path / "fp32"))
+    rewrite_checkpoint(tmp_path / "fp32", lambda t: t.update({n: v.float() for n, v in t.items()}))
+    mixed, fp32 = make_policy().load(str(tmp_path / "mixed")), make_policy().load(str(tmp_path / "fp32"))
+    assert all(torch.equal(mixed[n], fp32[n]) for n in params)
 
 
 def test_load_rejects_missing_unexpected_and_misshapen_keys(tmp_path, policy, params):
@@ -190,31 +247,31 @@ def test_load_rejects_missing_unexpected_and_misshapen_keys(tmp_path, policy, pa
     assert f"{misshapen}: checkpoint (3, 3), model (32, 64, 32)" in msg
 
 
-def test_load_accepts_official_only_keys_and_missing_value_head(tmp_path, policy, params):
+def test_load_takes_the_tied_lm_head_and_fills_what_official_checkpoints_lack(tmp_path, policy, params):
+    """The tied LM head stands in for the token embedding; a checkpoint without leanvla's value head (every official
+    one) or without SigLIP's unused pooling head gets a seeded one."""
     ckpt = tmp_path / "ckpt"
     policy.save(params, str(ckpt))
+    (ckpt / "leanvla_rl.safetensors").unlink()
     embed = "backbone.eagle_model.language_model.model.embed_tokens.weight"
-
-    def officialize(t):  # as Isaac-GR00T saves: SigLIP's pooling head, the tied LM head, no value head
-        for k in [k for k in t if k.startswith("value_head.")]:
-            del t[k]
-        t["backbone.eagle_model.language_model.lm_head.weight"] = t.pop(embed)
-        t["backbone.eagle_model.vision_model.vision_model.head.probe"] = torch.zeros(1, 1, 32)
-        t["backbone.eagle_model.vision_model.vision_model.head.attention.in_proj_weight"] = torch.zeros(96, 32)
-
-    rewrite_checkpoint(ckpt, officialize)
+    siglip_head = "backbone.eagle_model.vision_model.vision_model.head."
+    rewrite_checkpoint(ckpt, lambda t: t.update({"backbone.eagle_model.language_model.lm_head.weight": t.pop(embed)}))
     loaded = make_policy().load(str(ckpt))
-    assert torch.equal(loaded[embed], params[embed])
-    fresh = make_policy().load(str(ckpt))                              # the new value head is seeded
-    assert all(torch.equal(loaded[k], fresh[k]) for k in loaded if k.startswith("value_head."))
-    assert not any(k.startswith("backbone.eagle_model.vision_model.vision_model.head.") for k in loaded)
+    assert torch.equal(loaded[embed], as_exported(params)[embed])
+    assert all(torch.equal(loaded[k], as_exported(params)[k]) for k in params if k.startswith(siglip_head))
+    rewrite_checkpoint(ckpt, lambda t: [t.pop(k) for k in list(t) if k.startswith(siglip_head)])
+    fresh, again = make_policy().load(str(ckpt)), make_policy().load(str(ckpt))    # the new heads are seeded
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh if k.startswith(("value_head.", siglip_head)))
+    assert sum(k.startswith(siglip_head) for k in fresh) == 11 and not policy.is_trainable(siglip_head + "probe")
 
 
 def test_load_renames_rlinf_value_head(tmp_path, policy, params):
+    """RLinf keeps the value head in the model's shards, as action_head.value_head.*."""
     ckpt = tmp_path / "ckpt"
     policy.save(params, str(ckpt))
-    rewrite_checkpoint(ckpt, lambda t: t.update({"action_head." + k: t.pop(k) for k in list(t)
-                                                  if k.startswith("value_head.")}))
+    value_head = load_file(ckpt / "leanvla_rl.safetensors")
+    (ckpt / "leanvla_rl.safetensors").unlink()
+    rewrite_checkpoint(ckpt, lambda t: t.update({"action_head." + k: v for k, v in value_head.items()}))
     loaded = make_policy().load(str(ckpt))
     assert all(torch.equal(loaded[k], params[k]) for k in params if k.startswith("value_head."))
     with pytest.raises(RuntimeError, match="cannot save without normalisation metadata"):
@@ -327,6 +384,33 @@ def test_logprob_equals_normal_over_the_stored_chain(sde_steps, params, obs):
         else:                                             # deterministic Euler step of the ODE
             torch.testing.assert_close(x_next, x + v / num_steps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["logprob"], expected, atol=1e-3, rtol=1e-5)
+
+
+def test_one_instruction_per_row_acts_as_each_prompt_alone(policy, params):
+    """Rows with different instructions are left-padded to the longest prompt and the padding is masked (in the LLM,
+    the VL self-attention, the DiT's cross-attention and the value's pooling): each row gets what a batch of its
+    own prompt gives (the same noise: same batch size and seed), within fp32 noise."""
+    obs, short, long = make_obs(2), "lift", "stack the red block on the blue block"
+    mixed = policy.sample(params, obs, [short, long], gen(3))
+    alone = [policy.sample(params, obs, text, gen(3)) for text in (short, long)]
+    mask = mixed["backbone_mask"]
+    pad = mask.shape[1] - alone[0]["backbone_features"].shape[1]
+    assert pad == len(long) - len(short) and mask.shape == (2, alone[1]["backbone_features"].shape[1])
+    assert not mask[0, :pad].any() and mask[0, pad:].all() and mask[1].all()
+    close = dict(atol=2e-5, rtol=1e-5)
+    for row, ref in enumerate(alone):
+        torch.testing.assert_close(mixed["backbone_features"][row, mask[row]], ref["backbone_features"][row], **close)
+        for k in ("chain", "actions", "logprob", "value"):
+            torch.testing.assert_close(mixed[k][row], ref[k][row], **close, msg=lambda m, k=k: f"{k}: {m}")
+    assert torch.isfinite(mixed["backbone_features"]).all()      # padding tokens stay finite (they attend to self)
+    logprob, value, _ = policy.evaluate(params, mixed)           # evaluate applies the stored mask
+    torch.testing.assert_close(logprob, mixed["logprob"], **close)
+    torch.testing.assert_close(value, mixed["value"], **close)
+    torch.testing.assert_close(policy.value(params, obs, [short, long]), mixed["value"], **close)
+    same = policy.sample(params, obs, [long, long], gen(3))      # equal strings: one prompt, no padding
+    assert torch.equal(same["actions"], alone[1]["actions"]) and same["backbone_mask"].all()
+    with pytest.raises(ValueError, match="got 3 instructions for a batch of 2 rows"):
+        policy.sample(params, obs, ["a", "b", "c"], gen(0))
 
 
 def test_evaluate_reproduces_sample_logprob(policy, params, out):

@@ -12,26 +12,39 @@ from envs.lerobot import LeRobotWriter
 from tests.algos_toy_env import ToyEnv
 
 
-def _write_dataset(root, episodes=2, length=12, size=32, seed=0):
-    """Episodes whose actions are a fixed function of the state (learnable), random-looking images."""
+def _write_dataset(root, episodes=2, length=12, size=32, seed=0, tasks=("stack the blocks",)):
+    """Episodes whose actions are a fixed function of the state (learnable), random-looking images; episode i has
+    the instruction tasks[i % len(tasks)]."""
     rng = np.random.default_rng(seed)
     writer = LeRobotWriter(root, fps=20, image_size=size)
-    for _ in range(episodes):
+    for i in range(episodes):
         state = rng.uniform(-1, 1, size=(length, 8)).astype(np.float32)
         action = np.concatenate([0.5 * state[:, :6], np.sign(state[:, 6:7])], axis=1).astype(np.float32)
         images = {k: rng.integers(0, 255, (length, size, size, 3)).astype(np.uint8) for k in ("image", "wrist_image")}
-        writer.add_episode(images, state, action, "stack the blocks")
+        writer.add_episode(images, state, action, tasks[i % len(tasks)])
     return writer.close()
 
 
 def test_windows_repeat_the_last_action_past_the_episode_end(tmp_path):
     demos = sft.Demonstrations.load(_write_dataset(tmp_path / "ds", episodes=2, length=5))
-    assert len(demos) == 10 and demos.rgb.shape == (10, 2, 32, 32, 3) and demos.instruction == "stack the blocks"
+    assert len(demos) == 10 and demos.rgb.shape == (10, 2, 32, 32, 3) and demos.instructions == ("stack the blocks",)
     batch = demos.batch(torch.tensor([3, 5]), horizon=4)
     # frame 3 of episode 0 (frames 0-4): steps 3, 4, 4, 4; frame 5 = first of episode 1: steps 5, 6, 7, 8
     torch.testing.assert_close(batch["actions"][0], demos.action[torch.tensor([3, 4, 4, 4])])
     torch.testing.assert_close(batch["actions"][1], demos.action[torch.tensor([5, 6, 7, 8])])
     torch.testing.assert_close(batch["state"], demos.state[torch.tensor([3, 5])])
+
+
+def test_a_dataset_of_several_tasks_gives_each_frame_its_own_instruction(tmp_path):
+    root = _write_dataset(tmp_path / "ds", episodes=3, length=4, tasks=("lift the red block", "stack the blocks"))
+    demos = sft.Demonstrations.load(root)
+    assert demos.instructions == ("lift the red block", "stack the blocks")
+    batch = demos.batch(torch.tensor([0, 5, 9, 3]), horizon=2)          # episodes 0, 1, 2, 0
+    assert batch["instruction"] == ["lift the red block", "stack the blocks", "lift the red block",
+                                    "lift the red block"]
+    cfg = sft.SFTConfig(dataset=str(root), num_iterations=3, batch_size=6, run_dir=str(tmp_path / "run"),
+                        env=TaskConfig(image_size=32), device="cpu", log_every=1)
+    assert np.isfinite(sft.train(cfg)["sft/loss"])                      # a batch mixes both prompts
 
 
 def test_learning_rate_schedule():

@@ -178,6 +178,23 @@ def test_grpo_on_stack_cube(tmp_path):
     assert (tmp_path / "checkpoints" / "iter_000001" / "state.json").is_file()
 
 
+def test_ppo_on_a_two_instruction_env_gives_each_env_its_own_prompt(tmp_path, monkeypatch):
+    """Lift-red-or-blue: every rollout and bootstrap call of GR00T gets the env's two instructions, one per env
+    (left-padded and masked in one batch), and PPO trains on the mixed rollout."""
+    from models.gr00t_processor import Gr00tProcessor
+
+    seen = []
+    prompts = Gr00tProcessor.prompts
+    monkeypatch.setattr(Gr00tProcessor, "prompts", lambda self, instruction, n: (seen.append(instruction),
+                                                                                 prompts(self, instruction, n))[1])
+    out = train_script.main(["ppo", *STACK, "--env.task", "Leanvla-Lift-Red-Or-Blue-Cube-Franka-IK-Rel-Visuomotor",
+                             "--env.num-envs", "2", "--num-iterations", "1", "--num-steps", "1",
+                             "--recompute-logprob", "--run-dir", str(tmp_path)])
+    assert seen and all(s == ["Pick up the red block.", "Pick up the blue block."] for s in seen)
+    history = out["history"][0]
+    assert history["env/episode_len"] == 16.0 and history["rollout/logprob_gap"] < 1e-4  # fp32: evaluate agrees
+
+
 def test_resume_on_cartpole_continues_exactly(tmp_path):
     """PPO on the real Isaac Lab env: 2 iterations, then 2 more after a resume, equal 4 straight. The checkpoint
     falls mid-episode (16 env steps into 10-step episodes), so this needs the env's state_dict."""
