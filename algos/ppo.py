@@ -18,6 +18,7 @@ what a rollout holds).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,10 @@ class PPOConfig(RLConfig):
     adaptive_lr_bounds: tuple[float, float] = (1e-5, 1e-2)
     """(min, max) of the policy's learning rate under the adaptive schedule (rsl_rl's bounds suit MLPs; GR00T
     needs far smaller rates, e.g. 1e-8 1e-5). The value head's rate moves by the same factor."""
+    num_seeds: int = 1
+    """K > 1: train K independent learners, seeds --seed ... --seed + K - 1, in one process on one env instance of
+    K x --env.num-envs sub-envs, with their params stacked and vmapped (algos/ppo_seeds.py; --policy mlp, one
+    process). Each seed logs and checkpoints to <run dir>/seed_<s>/ as a run of its own."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -196,6 +201,21 @@ def adaptive_lr(lr: float, kl: float, desired_kl: float, low: float = 1e-5, high
     return lr
 
 
+def ppo_loss(cfg: PPOConfig, logprob: torch.Tensor, value: torch.Tensor, entropy: torch.Tensor | None,
+             mb: dict[str, torch.Tensor], train_policy: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A minibatch's loss from `evaluate`'s log-prob, value and entropy on its rows `mb`: vf_coef x value loss +
+    clipped surrogate - ent_coef x entropy (the value loss alone with `train_policy=False`); and its statistics."""
+    pg_loss, pg_stats = clipped_policy_loss(logprob.float(), mb["logprob"].float(), mb["advantages"], cfg.clip_coef,
+                                            cfg.dual_clip)
+    v_loss, v_clip_ratio = value_loss(value.float(), mb["value"].float(), mb["returns"],
+                                      cfg.vf_clip_coef if cfg.clip_vloss else None, cfg.value_loss, cfg.huber_delta)
+    entropy = entropy.float().mean() if entropy is not None else torch.zeros((), device=logprob.device)
+    loss = cfg.vf_coef * v_loss + ((pg_loss - cfg.ent_coef * entropy) if train_policy else 0.0)
+    return loss, {"actor/loss": loss, "actor/policy_loss": pg_loss, "actor/value_loss": v_loss,
+                  "actor/entropy": entropy, "actor/approx_kl": pg_stats["approx_kl"],
+                  "actor/pg_clipfrac": pg_stats["clipfrac"], "actor/value_clip_ratio": v_clip_ratio}
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The update (side effects: the optimizer) and the training loop.
 # ------------------------------------------------------------------------------------------------------------------
@@ -214,24 +234,15 @@ def update(cfg: PPOConfig, policy: Policy, params: Params, optimizer: torch.opti
             mb = {k: v[idx] for k, v in batch.items()}
             with run.autocast():
                 logprob, value, entropy = policy.evaluate(params, mb)
-            pg_loss, pg_stats = clipped_policy_loss(logprob.float(), mb["logprob"].float(), mb["advantages"],
-                                                    cfg.clip_coef, cfg.dual_clip)
-            v_loss, v_clip_ratio = value_loss(value.float(), mb["value"].float(), mb["returns"],
-                                              cfg.vf_clip_coef if cfg.clip_vloss else None, cfg.value_loss,
-                                              cfg.huber_delta)
-            entropy = entropy.float().mean() if entropy is not None else torch.zeros((), device=run.device)
-            loss = cfg.vf_coef * v_loss + ((pg_loss - cfg.ent_coef * entropy) if train_policy else 0.0)
+            loss, stats = ppo_loss(cfg, logprob, value, entropy, mb, train_policy)
             if cfg.lr_schedule == "adaptive" and train_policy:  # on this minibatch's KL over ranks (as rsl_rl)
-                kl = (all_reduce_sum(pg_stats["approx_kl"]) / run.world_size).item()
+                kl = (all_reduce_sum(stats["actor/approx_kl"]) / run.world_size).item()
                 factor = adaptive_lr(policy_lr, kl, cfg.desired_kl, *cfg.adaptive_lr_bounds) / policy_lr
                 for group in optimizer.param_groups:
                     group["lr"] *= factor
                 policy_lr = optimizer.param_groups[0]["lr"]
-            grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
-            for k, v in {"actor/loss": loss, "actor/policy_loss": pg_loss, "actor/value_loss": v_loss,
-                         "actor/entropy": entropy, "actor/grad_norm": grad_norm,
-                         "actor/approx_kl": pg_stats["approx_kl"], "actor/pg_clipfrac": pg_stats["clipfrac"],
-                         "actor/value_clip_ratio": v_clip_ratio}.items():
+            stats["actor/grad_norm"] = optimizer_step(optimizer, loss, cfg.max_grad_norm)
+            for k, v in stats.items():
                 totals.setdefault(k, []).append(v.detach().float())
     optimizer.param_groups[0]["lr"] = policy_lr
     means = all_reduce_sum(torch.stack([torch.stack(v).mean() for v in totals.values()])) / run.world_size
@@ -239,6 +250,15 @@ def update(cfg: PPOConfig, policy: Policy, params: Params, optimizer: torch.opti
 
 
 def check_config(cfg: PPOConfig) -> None:
+    check_positive(cfg, "num_seeds")
+    if cfg.num_seeds > 1:
+        if cfg.policy != "mlp":
+            raise ConfigError(f"--num-seeds {cfg.num_seeds} trains stacked MLP learners; --policy is {cfg.policy!r}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--num-seeds > 1 runs in one process; launch it without torchrun")
+        if cfg.resume:
+            raise ConfigError("--resume continues one seed's run: pass that seed's directory (<run>/seed_<s>) "
+                              "with --num-seeds 1")
     check_rl_config(cfg)
     check_positive(cfg, "num_steps", "update_epochs", "num_minibatches")
     if cfg.num_minibatches > cfg.num_steps * cfg.env.num_envs:
@@ -261,6 +281,10 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
     check_config(cfg)
     if make_env is None:
         from envs import make_env
+    if cfg.num_seeds > 1:
+        from algos import ppo_seeds
+
+        return ppo_seeds.train(cfg, make_env)
     run = start_run(cfg, "ppo", cfg.env.device)
     env = make_env(rank_env_config(cfg.env, run))
     policy, params, base = make_rl_policy(cfg, env, run.device, run.bf16, checkpoint.checkpoint_base(cfg.resume))

@@ -23,19 +23,20 @@ from models.policy import Params, Policy
 
 
 class Episodes:
-    """Sums over the episodes that ended during a rollout, kept on the device (no host sync per step)."""
+    """Sums over the episodes that ended during a rollout, kept on the device (no host sync per step); with
+    `groups` G, per group of consecutive sub-envs (the learners of a multi-seed run)."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # return, length, success, count
+    def __init__(self, device: torch.device, groups: int = 1):
+        self.sums = torch.zeros(groups, 4, dtype=torch.float64, device=device)  # return, length, success, count
 
     def add(self, done: torch.Tensor, returns: torch.Tensor, lengths: torch.Tensor, success: torch.Tensor) -> None:
-        d = done.double()
-        self.sums += torch.stack([(returns.double() * d).sum(), (lengths.double() * d).sum(),
-                                  (success.double() * d).sum(), d.sum()])
+        d = done.double().view(len(self.sums), -1)
+        self.sums += torch.stack([(returns.double().view_as(d) * d).sum(1), (lengths.double().view_as(d) * d).sum(1),
+                                  (success.double().view_as(d) * d).sum(1), d.sum(1)], dim=1)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, group: int = 0) -> dict[str, float]:
         """Means over all ranks: env/episode_return, env/episode_len, env/success_once (none if no episode ended)."""
-        total, length, success, n = all_reduce_sum(self.sums).tolist()
+        total, length, success, n = all_reduce_sum(self.sums[group]).tolist()
         if n == 0:
             return {}
         return {"env/episode_return": total / n, "env/episode_len": length / n, "env/success_once": success / n,

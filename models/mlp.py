@@ -55,6 +55,18 @@ def merge_moments(
     return new_mean, m2 / total, total
 
 
+def updated_moments(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, states: torch.Tensor,
+                    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Running (mean, variance, count) [S], [S], [] with a batch of states [..., S] folded in, in float64;
+    `all_reduce_sum` pools the batch over DDP ranks."""
+    x = states.reshape(-1, states.shape[-1]).to(torch.float64)
+    batch_count = all_reduce_sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+    batch_mean = all_reduce_sum(x.sum(0)) / batch_count
+    batch_var = all_reduce_sum((x - batch_mean).square().sum(0)) / batch_count
+    return merge_moments(mean, var, count, batch_mean, batch_var, batch_count)
+
+
 def gaussian_logprob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     """log N(actions; mean, exp(log_std)^2), summed over the last (action) dimension."""
     z = (actions - mean) / log_std.exp()
@@ -161,12 +173,16 @@ class MLPPolicy:
     def sample(self, params, obs, instruction: str = "", generator: torch.Generator | None = None,
                deterministic: bool = False) -> dict[str, torch.Tensor]:
         state = obs["state"]
+        shape = (state.shape[0], self.action_dim)
+        noise = torch.zeros(shape, device=state.device) if deterministic else \
+            torch.randn(shape, generator=generator, device=state.device)
+        return self.act(params, state, noise)
+
+    def act(self, params, state: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`sample` after its random draw, a pure function: actions = mean + std * noise [N, A] (the mean where
+        the noise is 0), their log-prob, the value."""
         mean, log_std, value = self._forward(params, state)
-        if deterministic:
-            actions = mean
-        else:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            actions = mean + log_std.exp() * noise
+        actions = mean + log_std.exp() * noise
         return {"actions": actions.unsqueeze(1), "logprob": gaussian_logprob(actions, mean, log_std),
                 "value": value, "state": state}
 
@@ -185,12 +201,6 @@ class MLPPolicy:
         """Fold a batch of states [..., S] into the running moments, in place; `all_reduce_sum` pools DDP ranks."""
         if not self.normalizer_names:
             return
-        x = states.reshape(-1, self.state_dim).to(torch.float64)
-        count = all_reduce_sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-        batch_mean = all_reduce_sum(x.sum(0)) / count
-        batch_var = all_reduce_sum((x - batch_mean).square().sum(0)) / count
-        mean, var, total = merge_moments(params["obs_norm.mean"], params["obs_norm.var"], params["obs_norm.count"],
-                                         batch_mean, batch_var, count)
-        params["obs_norm.mean"].copy_(mean)
-        params["obs_norm.var"].copy_(var)
-        params["obs_norm.count"].copy_(total)
+        moments = updated_moments(*(params[n] for n in self.normalizer_names), states, all_reduce_sum)
+        for name, value in zip(self.normalizer_names, moments):
+            params[name].copy_(value)

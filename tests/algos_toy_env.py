@@ -103,3 +103,36 @@ class ToyEnvNoState(ToyEnv):
 
 def make_toy_env(cfg):
     return ToyEnv(cfg)
+
+
+class StackedToyEnv:
+    """K toy envs side by side as one batched env of K groups: group k is reset with seed + k, as a run of its own
+    resets learner k's env in a K-seed run (--num-seeds), whose learner k has seed --seed + k. So each group steps
+    exactly as the env of that seed's run alone would."""
+
+    def __init__(self, cfg, groups: int):
+        import dataclasses
+
+        self.envs = [ToyEnv(dataclasses.replace(cfg, num_envs=cfg.num_envs // groups)) for _ in range(groups)]
+        first = self.envs[0]
+        self.num_envs, self.device, self.max_episode_steps = cfg.num_envs, first.device, first.max_episode_steps
+        for name in ("task", "num_views", "image_size", "instruction", "state_dim", "action_dim", "idle_action"):
+            setattr(self, name, getattr(first, name))
+
+    def reset(self, seed: int = 0, reset_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"state": torch.cat([env.reset(seed + k)["state"] for k, env in enumerate(self.envs)])}
+
+    def step(self, actions: torch.Tensor):
+        outs = [env.step(a) for env, a in zip(self.envs, actions.chunk(len(self.envs)))]
+        cat = lambda i: torch.cat([o[i] for o in outs])  # noqa: E731
+        info = {k: torch.cat([o[4][k] for o in outs]) for k in outs[0][4]}
+        return {"state": torch.cat([o[0]["state"] for o in outs])}, cat(1), cat(2), cat(3), info
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
