@@ -8,8 +8,8 @@ Every run is leanvla's PPO with the MLP policy and the task's rsl_rl hyperparame
 instance of K x --num-envs sub-envs and updates the K stacked learners at once. Total env-steps/s counts every
 seed's env steps over the rollout and update time of the iterations after --warmup; K separate runs, one after the
 other on the same GPU, take K times as long as one, so the speed-up over them is the K-seed run's total env-steps/s
-over the one-seed run's. The final return (mean over the seeds of each seed's mean over its last 10 % of
-iterations) shows that the learners learn as a run of one does. Writes results.json, results.md and
+over the one-seed run's. The final return (mean over the seeds of each seed's mean over the last 10 % of its
+iterations in which episodes ended) shows that the learners learn as a run of one does. Writes results.json, results.md and
 total_sps.png under --out.
 """
 
@@ -51,6 +51,13 @@ class Args:
     """First seed of every run."""
 
 
+def final_return(history: list[dict]) -> float:
+    """The mean episode return of the last 10 % of iterations (at least one) in which episodes ended."""
+    returns = [h["env/episode_return"] for h in history if "env/episode_return" in h]
+    last = returns[-max(1, len(history) // 10):]
+    return sum(last) / len(last) if last else float("nan")
+
+
 def measure(args: Args, task: str, num_envs: int, num_seeds: int) -> dict:
     rsl = rsl_rl_config(task)
     run_dir = args.out / "runs" / f"{task}_k{num_seeds}"
@@ -63,8 +70,7 @@ def measure(args: Args, task: str, num_envs: int, num_seeds: int) -> dict:
     timed = histories[0][args.warmup:]
     seconds = sum(h["perf/rollout_time"] + h["perf/update_time"] for h in timed)
     steps = num_seeds * num_envs * cfg.num_steps * len(timed)
-    last = max(1, len(histories[0]) // 10)
-    finals = [sum(h.get("env/episode_return", float("nan")) for h in hist[-last:]) / last for hist in histories]
+    finals = [final_return(hist) for hist in histories]
     return {"task": task, "num_seeds": num_seeds, "num_envs_per_seed": num_envs, "num_steps": cfg.num_steps,
             "iterations": args.iterations, "timed_iterations": len(timed), "total_env_steps_per_s": steps / seconds,
             "seconds_per_iteration": seconds / len(timed), "wall_s": wall,
