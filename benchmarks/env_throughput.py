@@ -44,6 +44,8 @@ class Args:
     """Camera size for the expert run (images are not used by the expert)."""
     device: str = "auto"
     """Simulation device."""
+    ls_iterations: int | None = None
+    """MuJoCo-Warp line-search iterations (`--env.ls-iterations`); None: the task's."""
     out: Path = Path("runs/bench_env")
     """Folder for results.md and results.json."""
 
@@ -75,7 +77,8 @@ def bench_throughput(args: Args) -> list[dict]:
     rows = []
     for image_size in args.image_sizes:
         for num_envs in args.num_envs:
-            env = make_env(EnvConfig(num_envs=num_envs, image_size=image_size, device=args.device))
+            env = make_env(EnvConfig(num_envs=num_envs, image_size=image_size, device=args.device,
+                                     ls_iterations=args.ls_iterations))
             try:
                 env.reset(seed=0)
                 actions = hold_actions(env)
@@ -91,6 +94,7 @@ def bench_throughput(args: Args) -> list[dict]:
                     "raw_steps_per_s": num_envs / raw,
                     "adapter_steps_per_s": num_envs / adapter,
                     "adapter_overhead_pct": 100.0 * (adapter - raw) / raw,
+                    "solver_overflows": env.solver_overflows.counts(),  # raw rounds fold into the next adapter step
                 }
             finally:
                 env.close()
@@ -100,7 +104,8 @@ def bench_throughput(args: Args) -> list[dict]:
 
 
 def bench_expert(args: Args) -> dict:
-    env = make_env(EnvConfig(num_envs=args.expert_num_envs, image_size=args.expert_image_size, device=args.device))
+    env = make_env(EnvConfig(num_envs=args.expert_num_envs, image_size=args.expert_image_size, device=args.device,
+                             ls_iterations=args.ls_iterations))
     expert = StackExpert(env.num_envs, env.device)
     successes, lengths = [], []
     try:
@@ -114,6 +119,7 @@ def bench_expert(args: Args) -> dict:
                 lengths += info["episode_length"][done].tolist()
                 expert.reset(done)
                 print(f"expert: {sum(successes)}/{len(successes)} episodes succeeded", flush=True)
+        overflows, sub_env_steps = env.solver_overflows.counts(), env.solver_overflows.sub_env_steps
     finally:
         env.close()
     successes, lengths = successes[: args.expert_episodes], lengths[: args.expert_episodes]
@@ -121,6 +127,7 @@ def bench_expert(args: Args) -> dict:
         "episodes": len(successes),
         "success_rate": sum(successes) / len(successes),
         "mean_length_successful": sum(l for l, s in zip(lengths, successes) if s) / max(1, sum(successes)),
+        "solver_overflows": overflows, "sub_env_steps": sub_env_steps,
     }
 
 

@@ -26,6 +26,9 @@ class TaskConfig:
     sim: Literal["kitless", "kit"] = "kitless"
     """`kitless`: Newton physics + Warp ray-traced cameras (no Isaac Sim). `kit`: Isaac Sim with PhysX and RTX
     cameras through AppLauncher (needs Isaac Sim installed; not run by this project's CI)."""
+    ls_iterations: int | None = None
+    """Line-search iterations of the MuJoCo-Warp solver (kit-less). None: the task's; leanvla's stack-cube and lift
+    tasks use 50 (Isaac Lab's stack config asks for 15, which the line search exceeds many times a second)."""
 
 
 @dataclass

@@ -100,6 +100,7 @@ class IsaacLabEnv:
         self._launch = contextlib.ExitStack()
         self._env = self._launch_env(env_cfg)
         self.spec.bind(self._env, self)
+        self.solver_overflows = SolverOverflows(self.device) if cfg.sim == "kitless" else None
 
         self.step_dt = float(self._env.step_dt)
         self.max_episode_steps = int(self._env.max_episode_length)
@@ -140,6 +141,13 @@ class IsaacLabEnv:
             env_cfg.scene.replicate_physics = True  # Newton builds one prototype world and clones it
         tasks.patch_robot(env_cfg, kitless=self.cfg.sim == "kitless")
         self.spec.patch(env_cfg, self.cfg)
+        ls_iterations = self.cfg.ls_iterations or self.spec.ls_iterations
+        if ls_iterations is not None and self.cfg.sim == "kitless":
+            solver = getattr(env_cfg.sim.physics, "solver_cfg", None)
+            if not hasattr(solver, "ls_iterations"):
+                raise ValueError(f"--env.ls-iterations: the physics of {self.task!r} ({type(solver).__name__}) has "
+                                 "no line search")
+            solver.ls_iterations = ls_iterations
         if self.cfg.max_episode_steps is not None:
             if self.cfg.max_episode_steps < 1:
                 raise ValueError(f"max_episode_steps must be >= 1, got {self.cfg.max_episode_steps}")
@@ -206,6 +214,8 @@ class IsaacLabEnv:
     def step(self, actions: torch.Tensor):
         actions = self._check_actions(actions)
         obs, env_reward, terminated, truncated, _ = self._env.step(actions)
+        if self.solver_overflows is not None:
+            self.solver_overflows.count()
         success = self.spec.success(self._env)
         reward = self.spec.reward(self._env, env_reward, success).to(torch.float32)
         self.episode_return += reward
@@ -256,6 +266,8 @@ class IsaacLabEnv:
 
     def close(self) -> None:
         if getattr(self, "_env", None) is not None:
+            if self.solver_overflows is not None:
+                self.solver_overflows.report(self.task)
             self._env.close()
             self._env = None
         if getattr(self, "_launch", None) is not None:
@@ -315,6 +327,46 @@ class IsaacLabEnv:
         if bad := _non_finite_rows(actions):
             raise ValueError(f"actions contain NaN or inf (envs {bad})")
         return actions
+
+
+class SolverOverflows:
+    """Counts, per kind, the sub-env steps in which the MuJoCo-Warp solver overflowed a limit (its line-search or
+    solver iterations, constraint or contact buffers), and reports them once, when the env closes. The solver would
+    otherwise print a warning from inside its kernels at every overflow: with Isaac Lab's stack-cube settings, many
+    times a second."""
+
+    def __init__(self, device: str):
+        from isaaclab_newton.physics import NewtonManager
+        from mujoco_warp._src.types import OverflowType
+
+        solver = NewtonManager._solver
+        self.data, self.opt = solver.mjw_data, solver.mjw_model.opt
+        self.opt.warn_overflow = False  # read when the solver's kernels are built: no printf in them from here on
+        self.kinds = list(OverflowType)
+        self.bits = torch.tensor([int(kind) for kind in self.kinds], dtype=torch.int32, device=device)
+        self.steps = torch.zeros(len(self.kinds), dtype=torch.long, device=device)
+        self.sub_env_steps = 0
+
+    def count(self) -> None:
+        """Fold the overflow flags of the last env step into the counts and clear them (no host sync)."""
+        import warp as wp
+
+        flags = wp.to_torch(self.data.overflow)  # [worlds] bitmask; the solver only ever sets bits
+        self.steps += ((flags[:, None] & self.bits) != 0).sum(0)
+        self.sub_env_steps += flags.shape[0]
+        flags.zero_()
+
+    def counts(self) -> dict[str, int]:
+        """{overflow kind: sub-env steps in which it happened}, the kinds that happened."""
+        return {kind.name: n for kind, n in zip(self.kinds, self.steps.tolist()) if n}
+
+    def report(self, task: str) -> None:
+        counts = self.counts()
+        if counts:
+            limits = f"ls_iterations {self.opt.ls_iterations}, iterations {self.opt.iterations}"
+            print(f"[leanvla] {task}: the physics solver overflowed ({limits}) in "
+                  + ", ".join(f"{kind} {n} of {self.sub_env_steps}" for kind, n in counts.items())
+                  + " sub-env steps; raise --env.ls-iterations if LS_ITERATIONS is frequent", flush=True)
 
 
 def _non_finite_rows(x: torch.Tensor) -> list[int]:

@@ -69,6 +69,8 @@ class GenericSpec:
     camera_names: tuple[str, ...] = ()
     instruction = ""
     keyed_resets = False
+    ls_iterations: int | None = None
+    """MuJoCo-Warp line-search iterations to use (None: the Isaac Lab config's)."""
     idle_action: tuple[float, ...] | None = None
     """An action that holds the robot still, or None. A chunked policy's actions left over when an episode ends
     mid-chunk are replaced by it, so the next episode does not start with the last one's moves."""
@@ -221,6 +223,7 @@ class StackCubeSpec(GenericSpec):
     camera_names = ("table_cam", "wrist_cam")
     instruction = STACK_INSTRUCTION
     keyed_resets = True
+    ls_iterations = 50  # Isaac Lab's stack config: 15, which the expert's grasps exceed in most steps (CPU probe)
     idle_action = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # no IK-relative motion, gripper open (as reset leaves it)
     episode_steps = DEFAULT_STACK_STEPS
 

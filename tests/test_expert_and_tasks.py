@@ -113,6 +113,28 @@ def test_two_instructions_in_one_env_each_succeed_on_their_own_block():
         env.close()
 
 
+def test_solver_overflows_are_counted_and_reported_once_instead_of_printed(capfd):
+    """With Isaac Lab's line-search budget (15) the expert's grasp overflows it: the env counts those sub-env steps
+    and reports them once when it closes, and the solver's kernels print nothing. leanvla's default (50) does not
+    overflow in the same steps."""
+    counts = {}
+    for ls_iterations in (15, None):
+        env = make_env(EnvConfig(num_envs=1, device="cpu", image_size=16, ls_iterations=ls_iterations))
+        expert = StackExpert(1, env.device)
+        env.reset(seed=0)
+        expert.reset()
+        for _ in range(120):
+            env.step(expert.act(env.privileged_state()))
+        counts[ls_iterations] = env.solver_overflows.counts()
+        assert env.solver_overflows.sub_env_steps == 120 and env.solver_overflows.opt.ls_iterations == (ls_iterations or 50)
+        env.close()
+    assert counts[15].get("LS_ITERATIONS", 0) > 0 and counts[None] == {}
+    out = capfd.readouterr().out
+    assert "linesearch iterations limit" not in out
+    assert out.count("the physics solver overflowed (ls_iterations 15, iterations 100) in LS_ITERATIONS "
+                     f"{counts[15]['LS_ITERATIONS']} of 120 sub-env steps") == 1
+
+
 def test_a_state_task_through_the_same_adapter():
     env = make_env(EnvConfig(task="Isaac-Cartpole", num_envs=3, device="cpu"))
     try:
