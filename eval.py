@@ -118,11 +118,16 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     while any(f < q for f, q in zip(finished, quota)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             actions = policy.sample(params, obs, env.instruction, generator, deterministic=cfg.deterministic)["actions"]
+        ended = torch.zeros(num_envs, dtype=torch.bool, device=device)  # an episode ended within this chunk
         for k in range(actions.shape[1]):
             for i, frames in recording.items():
                 last_frame[i] = obs["rgb"][i, 0].cpu().numpy()
                 frames.append(overlay(last_frame[i], bool(success_seen[i]), int(step_in_episode[i])))
-            obs, _, term, trunc, info = env.step(actions[:, k].float().contiguous())
+            action = actions[:, k].float()
+            if env.idle_action is not None:  # as in training rollouts: the chunk's rest was planned for the old one
+                action = torch.where(ended.unsqueeze(-1), env.idle_action, action)
+            obs, _, term, trunc, info = env.step(action.contiguous())
+            ended |= term | trunc
             success_seen |= info["success"]
             step_in_episode += 1
             done = (term | trunc).cpu()

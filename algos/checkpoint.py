@@ -185,12 +185,13 @@ def load_params_into(ckpt: Path, params: Params) -> None:
                 params[name].copy_(t)
 
 
-def carry_state(env: Env, obs: dict[str, torch.Tensor], success_seen: torch.Tensor) -> dict[str, torch.Tensor]:
+def carry_state(env: Env | None, obs: dict[str, torch.Tensor], success_seen: torch.Tensor) -> dict[str, torch.Tensor]:
     """What a rollout carries into the next iteration: the next obs, `success_seen`, and the env's own state (for a
-    bit-exact resume; an env that cannot capture it gives {})."""
+    bit-exact resume; an env that cannot capture it gives {}; None: not carried, as for a learner of --num-seeds,
+    whose env is shared)."""
     carry = {f"obs.{k}": v for k, v in obs.items()}
     carry["success_seen"] = success_seen
-    carry.update({f"env.{k}": v for k, v in env.state_dict().items()})
+    carry.update({f"env.{k}": v for k, v in (env.state_dict() if env is not None else {}).items()})
     return carry
 
 
@@ -198,8 +199,9 @@ def restore_carry(env: Env, carry: dict[str, torch.Tensor]) -> tuple[dict[str, t
     """The inverse of `carry_state`: (obs, success_seen), or None if the checkpoint holds no env state."""
     env_state = {k[4:]: v for k, v in carry.items() if k.startswith("env.")}
     if not env_state:
-        warnings.warn("the checkpoint holds no mid-episode env state (an env that cannot capture it, or another "
-                      "number of ranks): the resumed run starts fresh episodes, so it does not continue bit-exactly")
+        warnings.warn("the checkpoint holds no mid-episode env state (an env that cannot capture it, another number "
+                      "of ranks, or a learner of --num-seeds): the resumed run starts fresh episodes, so it does not "
+                      "continue bit-exactly")
         return None
     env.load_state_dict(env_state)
     obs = {k[4:]: v for k, v in carry.items() if k.startswith("obs.")}

@@ -79,7 +79,8 @@ class RLConfig(RunConfig):
     """GR00T's GPU fast path with regional torch.compile of its repeated transformer blocks (each block class
     compiles once; about 25 s for the 3B model on an H100; faster `sample` and `evaluate`). See models/gr00t_fast.py."""
     cuda_graphs: bool = False
-    """GR00T's GPU fast path with `sample` replayed from CUDA graphs (GPU only; one graph per batch shape)."""
+    """GR00T's GPU fast path with `sample` replayed from CUDA graphs (GPU only; a graph per input signature: batch
+    size, prompt length, the params' tensors; the 8 newest kept)."""
 
 
 def check_positive(cfg: Any, *names: str) -> None:

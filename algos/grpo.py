@@ -147,6 +147,13 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         from envs import make_env
     run = start_run(cfg, "grpo", cfg.env.device)
     env = make_env(rank_env_config(cfg.env, run))
+    if not isinstance(env.instruction, str):  # a group compares attempts at one task, from one start
+        mixed = [g for g in range(env.num_envs // cfg.group_size)
+                 if len(set(env.instruction[g * cfg.group_size:(g + 1) * cfg.group_size])) > 1]
+        if mixed:
+            env.close()
+            raise ConfigError(f"--group-size {cfg.group_size}: groups {mixed} of {env.task} mix instructions "
+                              "(a group's envs must share one task); pick a group size that divides each task's envs")
     policy, params, base = make_rl_policy(cfg, env, run.device, run.bf16, checkpoint.checkpoint_base(cfg.resume))
     optimizer = make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
     start, global_step = 0, 0

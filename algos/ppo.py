@@ -259,6 +259,11 @@ def check_config(cfg: PPOConfig) -> None:
         if cfg.resume:
             raise ConfigError("--resume continues one seed's run: pass that seed's directory (<run>/seed_<s>) "
                               "with --num-seeds 1")
+        for flag, value in (("max_minutes", cfg.max_minutes), ("recompute_logprob", cfg.recompute_logprob),
+                            ("track", cfg.track)):
+            if value:
+                raise ConfigError(f"--{flag.replace('_', '-')} is not supported with --num-seeds > 1 (each seed "
+                                  "logs to TensorBoard under <run>/seed_<s>)")
     check_rl_config(cfg)
     check_positive(cfg, "num_steps", "update_epochs", "num_minibatches")
     if cfg.num_minibatches > cfg.num_steps * cfg.env.num_envs:
@@ -289,6 +294,7 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
     env = make_env(rank_env_config(cfg.env, run))
     policy, params, base = make_rl_policy(cfg, env, run.device, run.bf16, checkpoint.checkpoint_base(cfg.resume))
     optimizer = make_optimizer(policy, params, cfg.learning_rate, cfg.value_learning_rate, cfg.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the configured rates (a resume restores annealed ones)
     start, global_step, restored = 0, 0, None
     if cfg.resume:
         meta, carry = checkpoint.load_checkpoint(run, cfg.resume, policy, params, optimizer)
@@ -299,7 +305,6 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
     else:  # fresh episodes (on resume without env state, seeded by the iteration: not bit-exact)
         obs = env.reset(seed=env_seed(cfg.seed + start, run.rank))
         success_seen = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     history, steps_here, t_start = [], 0, time.perf_counter()
     bar = progress(run, start, cfg.num_iterations)

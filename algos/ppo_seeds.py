@@ -77,8 +77,11 @@ def train(cfg: PPOConfig, make_env: Callable) -> dict:
     params = stack([p for _, p, _ in built])
     trainable = [name for name, p in params.items() if p.requires_grad]
     moments = {name: (torch.zeros_like(params[name]), torch.zeros_like(params[name])) for name in trainable}
-    base_lr = {False: cfg.learning_rate, True: cfg.value_learning_rate or cfg.learning_rate}  # is value param
-    lrs = {is_value: torch.full((num_seeds,), lr, device=device) for is_value, lr in base_lr.items()}
+    value_lr = cfg.value_learning_rate if cfg.value_learning_rate is not None else cfg.learning_rate
+    base_lr = {False: cfg.learning_rate, True: value_lr}  # by is_value_param
+    # float64, as the Python floats of a run of its own (the adaptive schedule multiplies them every minibatch)
+    lrs = {is_value: torch.full((num_seeds,), lr, dtype=torch.float64, device=device)
+           for is_value, lr in base_lr.items()}
     adam_steps = dict.fromkeys(trainable, 0)  # per param, as torch's AdamW counts (a param without a grad: no step)
 
     act = vmap(lambda p, state, noise: policy.act(p, state, noise))
@@ -102,7 +105,7 @@ def train(cfg: PPOConfig, make_env: Callable) -> dict:
     def seed_carry(k: int) -> dict[str, torch.Tensor]:
         """Learner k's next obs and episode flags (the env's state is shared by all groups: not carried)."""
         rows = slice(k * n, (k + 1) * n)
-        return {**{f"obs.{key}": v[rows] for key, v in obs.items()}, "success_seen": success_seen[rows]}
+        return checkpoint.carry_state(None, {key: v[rows] for key, v in obs.items()}, success_seen[rows])
 
     obs = env.reset(seed=env_seed(cfg.seed, 0))
     success_seen = torch.zeros(num_seeds * n, dtype=torch.bool, device=device)

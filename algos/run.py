@@ -189,8 +189,7 @@ def make_policy(cfg: RunConfig, spaces: Spaces, device: torch.device, bf16: bool
     overrides = gr00t_overrides or {}
     if cfg.policy in PRESETS:  # random init: for CPU runs, tests and from-scratch experiments
         if spaces.num_views < 1:
-            raise ConfigError(f"--policy {cfg.policy} needs a camera task; {spaces.task} has no cameras "
-                              "(use --policy mlp)")
+            raise ConfigError(f"--policy {cfg.policy} needs camera images; {spaces.task} has no cameras")
         metadata = (base or {}).get("metadata") or metadata or identity_metadata(spaces)
         policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=spaces.num_views, **overrides), device,
                              metadata, compute_dtype=dtype, tokenizer=cfg.gr00t_tokenizer)
@@ -207,13 +206,18 @@ def make_policy(cfg: RunConfig, spaces: Spaces, device: torch.device, bf16: bool
     return policy, params, base
 
 
+FROZEN_BACKBONE = {"tune_llm": False, "tune_visual": False}
+
+
 def make_rl_policy(cfg: RLConfig, env: Env, device: torch.device, bf16: bool = False,
                    base: dict | None = None) -> tuple[Policy, Params, dict]:
-    """`make_policy` with the RL flags: the MLP, GR00T's Flow-SDE exploration and its fast path."""
+    """`make_policy` with the RL flags: the MLP, GR00T's Flow-SDE exploration and its fast path. RL leaves GR00T's
+    backbone frozen whatever the checkpoint was fine-tuned with: `sample` computes its features once, without
+    gradients, and `evaluate` reuses them."""
     rl_head = {k: v for k, v in (("noise_level", cfg.gr00t_noise_level), ("sde_steps", cfg.gr00t_sde_steps))
                if v is not None}
-    return make_policy(cfg, Spaces.of(env), device, bf16, base, gr00t_overrides=rl_head, mlp=cfg.mlp,
-                       compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+    return make_policy(cfg, Spaces.of(env), device, bf16, base, gr00t_overrides=rl_head | FROZEN_BACKBONE,
+                       mlp=cfg.mlp, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
 def env_metadata(state: torch.Tensor, action: torch.Tensor, view_size: tuple[int, int], num_views: int,

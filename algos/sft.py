@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from algos import checkpoint
-from algos.config import ConfigError, RunConfig, check_run_config
+from algos.config import ConfigError, RunConfig, check_positive, check_run_config
 from algos.distributed import all_reduce_sum
 from algos.run import (Spaces, checkpoint_due, env_metadata, finish_run, make_optimizer, make_policy, optimizer_step,
                        out_of_time, progress, show, start_run)
@@ -57,9 +57,10 @@ class SFTConfig(RunConfig):
     max_grad_norm: float = 1.0
     """Gradient-norm clipping."""
     tune_visual: bool = False
-    """Also train the SigLIP vision tower (without it: a preset's stays frozen, a checkpoint keeps its own flag)."""
+    """Also train the SigLIP vision tower (without it: a preset's stays frozen; a leanvla export keeps the flag it
+    was saved with, an official checkpoint the default, frozen)."""
     tune_llm: bool = False
-    """Also train the language model layers (without it: a preset's stay frozen, a checkpoint keeps its own flag)."""
+    """Also train the language model layers (without it: as --tune-visual)."""
     log_every: int = 10
     """Log metrics every this many steps."""
     save_every: int = 500
@@ -141,8 +142,7 @@ def make_sft_policy(cfg: SFTConfig, spaces: Spaces, device: torch.device, bf16: 
 # ------------------------------------------------------------------------------------------------------------------
 def check_config(cfg: SFTConfig) -> None:
     check_run_config(cfg)
-    if cfg.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    check_positive(cfg, "batch_size", "log_every")
     if not (0.0 <= cfg.warmup_ratio < 1.0):
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if not Path(cfg.dataset).is_dir():

@@ -94,7 +94,8 @@ def bench_throughput(args: Args) -> list[dict]:
                     "raw_steps_per_s": num_envs / raw,
                     "adapter_steps_per_s": num_envs / adapter,
                     "adapter_overhead_pct": 100.0 * (adapter - raw) / raw,
-                    "solver_overflows": env.solver_overflows.counts(),  # raw rounds fold into the next adapter step
+                    # raw rounds' overflows fold into the next adapter step's count
+                    "solver_overflows": env.solver_overflows.counts() if env.solver_overflows else None,
                 }
             finally:
                 env.close()
@@ -119,7 +120,8 @@ def bench_expert(args: Args) -> dict:
                 lengths += info["episode_length"][done].tolist()
                 expert.reset(done)
                 print(f"expert: {sum(successes)}/{len(successes)} episodes succeeded", flush=True)
-        overflows, sub_env_steps = env.solver_overflows.counts(), env.solver_overflows.sub_env_steps
+        overflows = env.solver_overflows.counts() if env.solver_overflows else None
+        sub_env_steps = env.solver_overflows.sub_env_steps if env.solver_overflows else None
     finally:
         env.close()
     successes, lengths = successes[: args.expert_episodes], lengths[: args.expert_episodes]

@@ -9,8 +9,8 @@ instance of K x --num-envs sub-envs and updates the K stacked learners at once. 
 seed's env steps over the rollout and update time of the iterations after --warmup; K separate runs, one after the
 other on the same GPU, take K times as long as one, so the speed-up over them is the K-seed run's total env-steps/s
 over the one-seed run's. The final return (mean over the seeds of each seed's mean over the last 10 % of its
-iterations in which episodes ended) shows that the learners learn as a run of one does. Writes results.json, results.md and
-total_sps.png under --out.
+iterations in which episodes ended) shows that the learners learn as a run of one does. Writes results.json,
+results.md and total_sps.png under --out.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class Args:
 
 
 def final_return(history: list[dict]) -> float:
-    """The mean episode return of the last 10 % of iterations (at least one) in which episodes ended."""
+    """The mean episode return over the iterations in which episodes ended: the last 10 % of the run's number of
+    iterations of them (at least one)."""
     returns = [h["env/episode_return"] for h in history if "env/episode_return" in h]
     last = returns[-max(1, len(history) // 10):]
     return sum(last) / len(last) if last else float("nan")

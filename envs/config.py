@@ -15,8 +15,8 @@ class TaskConfig:
     task: str = STACK_CUBE
     """Isaac Lab task id (Isaac Lab 2.x names `Isaac-...-v0` are accepted), or one of leanvla's own tasks built on
     one: `Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor` (stack-cube's first pick: lift the red block, 160 steps),
-    `Leanvla-Lift-Red-Or-Blue-Cube-Franka-IK-Rel-Visuomotor` (the same, even envs told to lift the red block, odd
-    envs the blue one: two instructions in one vectorised env)."""
+    `Leanvla-Lift-Red-Or-Blue-Cube-Franka-IK-Rel-Visuomotor` (the same, the first half of the envs told to lift the
+    red block, the second half the blue one: two instructions in one vectorised env)."""
     image_size: int = 224
     """Height and width of every camera image, in pixels (camera tasks only)."""
     max_episode_steps: int | None = None

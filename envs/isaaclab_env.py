@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from envs import assets, tasks
+from envs import assets, sim_state, tasks
 from envs.config import EnvConfig
 
 # Isaac Lab 2.x ids (with Isaac Sim) → Isaac Lab 3.0 ids.
@@ -100,7 +100,9 @@ class IsaacLabEnv:
         self._launch = contextlib.ExitStack()
         self._env = self._launch_env(env_cfg)
         self.spec.bind(self._env, self)
-        self.solver_overflows = SolverOverflows(self.device) if cfg.sim == "kitless" else None
+        solver = sim_state.mujoco_warp_solver() if cfg.sim == "kitless" else None
+        self.solver_overflows = SolverOverflows(solver, self.device) if solver is not None else None
+        """Overflows of the MuJoCo-Warp solver's limits, counted (None with another physics backend)."""
 
         self.step_dt = float(self._env.step_dt)
         self.max_episode_steps = int(self._env.max_episode_length)
@@ -141,12 +143,12 @@ class IsaacLabEnv:
             env_cfg.scene.replicate_physics = True  # Newton builds one prototype world and clones it
         tasks.patch_robot(env_cfg, kitless=self.cfg.sim == "kitless")
         self.spec.patch(env_cfg, self.cfg)
+        solver = getattr(env_cfg.sim.physics, "solver_cfg", None) if self.cfg.sim == "kitless" else None
+        if self.cfg.ls_iterations is not None and not hasattr(solver, "ls_iterations"):
+            raise ValueError(f"--env.ls-iterations {self.cfg.ls_iterations}: the physics of {self.task!r} "
+                             f"({type(solver).__name__ if solver else self.cfg.sim}) has no MuJoCo-Warp line search")
         ls_iterations = self.cfg.ls_iterations or self.spec.ls_iterations
-        if ls_iterations is not None and self.cfg.sim == "kitless":
-            solver = getattr(env_cfg.sim.physics, "solver_cfg", None)
-            if not hasattr(solver, "ls_iterations"):
-                raise ValueError(f"--env.ls-iterations: the physics of {self.task!r} ({type(solver).__name__}) has "
-                                 "no line search")
+        if ls_iterations is not None and hasattr(solver, "ls_iterations"):
             solver.ls_iterations = ls_iterations
         if self.cfg.max_episode_steps is not None:
             if self.cfg.max_episode_steps < 1:
@@ -235,8 +237,6 @@ class IsaacLabEnv:
         simulator (bodies, joints, actuator targets, solver warm start), Isaac Lab's managers and counters, torch's
         global RNG (Isaac Lab's reset events draw from it), and this adapter's episode counters and reset keys.
         `load_state_dict` on an env built with the same config continues from here (see `envs/sim_state.py`)."""
-        from envs import sim_state
-
         adapter = {
             "episode_return": self.episode_return,
             "episode_length": self.episode_length,
@@ -249,8 +249,6 @@ class IsaacLabEnv:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore `state_dict()`'s output: the next `step` returns what the saved env's next `step` would have."""
-        from envs import sim_state
-
         if not self._started:  # Isaac Lab allocates some buffers (observation histories) on the first reset
             self._env.reset()
             self._started = True
@@ -335,11 +333,9 @@ class SolverOverflows:
     otherwise print a warning from inside its kernels at every overflow: with Isaac Lab's stack-cube settings, many
     times a second."""
 
-    def __init__(self, device: str):
-        from isaaclab_newton.physics import NewtonManager
+    def __init__(self, solver, device: str):
         from mujoco_warp._src.types import OverflowType
 
-        solver = NewtonManager._solver
         self.data, self.opt = solver.mjw_data, solver.mjw_model.opt
         self.opt.warn_overflow = False  # read when the solver's kernels are built: no printf in them from here on
         self.kinds = list(OverflowType)

@@ -157,17 +157,24 @@ def _lab_actuator_models(art):
             yield group, model
 
 
-def _solver_buffers() -> dict[str, torch.Tensor]:
-    """MuJoCo-Warp's per-world buffers that carry over between steps (empty for other physics backends)."""
+def mujoco_warp_solver():
+    """The running MuJoCo-Warp solver of a kit-less env, or None (another physics backend, or MuJoCo on the CPU)."""
     try:
         from isaaclab_newton.physics import NewtonManager
     except ImportError:
-        return {}
+        return None
     solver = NewtonManager._solver
-    data = getattr(solver, "mjw_data", None)
-    if data is None or getattr(solver, "use_mujoco_cpu", False):
+    if getattr(solver, "mjw_data", None) is None or getattr(solver, "use_mujoco_cpu", False):
+        return None
+    return solver
+
+
+def _solver_buffers() -> dict[str, torch.Tensor]:
+    """MuJoCo-Warp's per-world buffers that carry over between steps (empty for other physics backends)."""
+    solver = mujoco_warp_solver()
+    if solver is None:
         return {}
-    return {name: _torch(getattr(data, name)) for name in SOLVER_BUFFERS}
+    return {name: _torch(getattr(solver.mjw_data, name)) for name in SOLVER_BUFFERS}
 
 
 def _manager_tensors(env) -> dict[str, torch.Tensor]:

@@ -116,7 +116,7 @@ CUBE_MIN_SEPARATION = 0.1
 JOINT_NOISE_STD = 0.02
 DEFAULT_STACK_STEPS = 448  # 22.4 s at 20 Hz, as RLinf
 DEFAULT_LIFT_STEPS = 160  # 8 s; the expert lifts the red block after about 100 steps
-LIFT_HEIGHT = 0.05  # lift success: the red block's centre this far above its resting height [m]
+LIFT_HEIGHT = 0.05  # lift success: the block's centre this far above its resting height [m]
 
 
 @dataclass(frozen=True)
@@ -294,10 +294,15 @@ def cube_lifted(env, height: float, cube: str = CUBES[1]) -> torch.Tensor:
     return z > CUBE_POSE_RANGE["z"][0] + height
 
 
+def told_blue(num_envs: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[N] bool: the sub-envs of LiftRedOrBlueSpec told to lift the blue block (the second half; the first: red)."""
+    return torch.arange(num_envs, device=device) >= (num_envs + 1) // 2
+
+
 def instructed_cube_lifted(env, height: float) -> torch.Tensor:
-    """[N] bool: the block each sub-env is told to lift (LiftRedOrBlueSpec: red in even envs, blue in odd) is up."""
-    odd = torch.arange(env.num_envs, device=env.device) % 2 == 1
-    return torch.where(odd, cube_lifted(env, height, CUBES[0]), cube_lifted(env, height, CUBES[1]))
+    """[N] bool: the block each sub-env of LiftRedOrBlueSpec is told to lift is up."""
+    return torch.where(told_blue(env.num_envs, env.device), cube_lifted(env, height, CUBES[0]),
+                       cube_lifted(env, height, CUBES[1]))
 
 
 class LiftCubeSpec(StackCubeSpec):
@@ -318,13 +323,14 @@ class LiftCubeSpec(StackCubeSpec):
 
 
 class LiftRedOrBlueSpec(LiftCubeSpec):
-    """Two tasks in one vectorised env, told apart only by the instruction: even sub-envs are told to pick up the
-    red block, odd ones the blue block, and each succeeds once its own block is lifted LIFT_HEIGHT."""
+    """Two tasks in one vectorised env, told apart only by the instruction: the first half of the sub-envs are told
+    to pick up the red block, the second half the blue block, and each succeeds once its own block is lifted
+    LIFT_HEIGHT. (In halves, so that GRPO's groups of consecutive sub-envs hold one task each.)"""
 
     success_test = staticmethod(instructed_cube_lifted)
 
     def instructions(self, num_envs: int) -> list[str]:
-        return [LIFT_BLUE_INSTRUCTION if i % 2 else LIFT_INSTRUCTION for i in range(num_envs)]
+        return [LIFT_BLUE_INSTRUCTION if blue else LIFT_INSTRUCTION for blue in told_blue(num_envs).tolist()]
 
 
 def _camera_rgb(env, name: str) -> torch.Tensor:

@@ -53,6 +53,7 @@ from models.gr00t_checkpoint import (
     official_config,
     read_json,
     read_model_tensors,
+    read_optional_json,
     resolve_checkpoint,
     write_checkpoint_dir,
 )
@@ -576,8 +577,9 @@ class Gr00tModel(nn.Module):
                 prompt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Images [N*V, 3, S, S] and the prompt -> backbone features [N, L, D] (the LLM's normed last state).
 
-        One prompt for the batch: input_ids [L], image_positions [V*P], prompt_mask None. One prompt per row:
-        input_ids [N, L] left-padded, image_positions [N, V*P], prompt_mask [N, L] (False: padding)."""
+        One prompt for the batch: input_ids [L], image_positions [V*P]. One prompt per row: input_ids [N, L],
+        image_positions [N, V*P], and prompt_mask [N, L] (False: padding) where they were left-padded (None: the
+        prompts have one length)."""
         eagle, siglip = self.backbone.eagle_model, self.backbone.eagle_model.vision_model.vision_model
         # SigLIP's last hidden state; its pooling head, which GR00T does not use, is not run
         vit = siglip.post_layernorm(siglip.encoder(inputs_embeds=siglip.embeddings(pixel_values)).last_hidden_state)
@@ -585,16 +587,15 @@ class Gr00tModel(nn.Module):
         lm = eagle.language_model.model
         n = pixel_values.shape[0] // self.cfg.num_views
         vit = rearrange(vit, "(n v) p d -> n (v p) d", n=n)
-        if prompt_mask is None:
+        if input_ids.ndim == 1:
             embeds = lm.embed_tokens(input_ids).unsqueeze(0).repeat(n, 1, 1)  # [N, L, D]
             embeds[:, image_positions] = vit.to(embeds.dtype)
-            # No padding: plain causal attention. Passing the mask mapping skips transformers' mask construction,
-            # which would build an explicit mask (no flash kernel) under CUDA graphs.
-            attention = None
         else:
             embeds = lm.embed_tokens(input_ids)
             embeds[torch.arange(n, device=embeds.device)[:, None], image_positions] = vit.to(embeds.dtype)
-            attention = causal_padding_mask(prompt_mask)
+        # Without padding, plain causal attention: passing the mask mapping skips transformers' mask construction,
+        # which would build an explicit mask (no flash kernel) under CUDA graphs.
+        attention = causal_padding_mask(prompt_mask) if prompt_mask is not None else None
         return lm(inputs_embeds=embeds, attention_mask={"full_attention": attention}, use_cache=False).last_hidden_state
 
     # -- action head --
@@ -690,10 +691,6 @@ def padding_mask(backbone_mask: torch.Tensor) -> torch.Tensor | None:
     """A stored backbone_mask [N, L] as the model takes it: None where no row has padding (the unmasked kernels,
     as `sample` ran them for a batch of one prompt)."""
     return None if bool(backbone_mask.all()) else backbone_mask
-
-
-def _read_optional_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -825,7 +822,7 @@ class Gr00tPolicy:
         writes the whole official layout."""
         directory = resolve_checkpoint(path_or_hub_id)
         mismatches = config_mismatches(self.cfg, read_json(directory, "config.json", "the model config"),
-                                       _read_optional_json(directory / LEANVLA_CONFIG_FILE))
+                                       read_optional_json(directory / LEANVLA_CONFIG_FILE))
         if mismatches:
             raise ValueError(f"checkpoint {directory} does not match the policy's config: " + "; ".join(mismatches))
         tensors = read_model_tensors(directory, self.device)
@@ -875,8 +872,9 @@ class Gr00tPolicy:
         sizes for checkpoints written by Isaac-GR00T / RLinf. `overrides` set runtime options (e.g. noise_level)."""
         directory = resolve_checkpoint(path_or_hub_id)
         fields = {f.name for f in dataclasses.fields(Gr00tConfig)}
-        saved = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in (_read_optional_json(directory / LEANVLA_CONFIG_FILE) or {}).items() if k in fields}
+        leanvla_json = (read_optional_json(directory / LEANVLA_CONFIG_FILE)  # earlier exports: config.json's section
+                        or read_json(directory, "config.json", "the model config").get("leanvla", {}))
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in leanvla_json.items() if k in fields}
         saved["normalization_overrides"] = tuple(tuple(p) for p in saved.get("normalization_overrides", ()))
         policy_kwargs = {k: overrides.pop(k) for k in ("compute_dtype", "tokenizer") if k in overrides}
         cfg = dataclasses.replace(Gr00tConfig(), **{**saved, **overrides})

@@ -192,6 +192,10 @@ def export_tensors(params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return model, rl
 
 
+def read_optional_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_json(directory: Path, name: str | Path, what: str) -> dict:
     """directory/name as JSON; a missing file is an error that says what the file holds."""
     path = directory / name

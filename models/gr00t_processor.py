@@ -351,7 +351,7 @@ class Gr00tProcessor:
             raise ValueError(f"metadata has {num_views} video views, the config expects {cfg.num_views}")
         self.tokenizer = tokenizer
         self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._padded: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._padded: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     # -- text --
     def prompt(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,10 +379,10 @@ class Gr00tProcessor:
     def prompts(self, instruction: Instruction, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The prompts of a batch of n rows: (token ids, image-token positions, padding mask).
 
-        One string, or n equal ones: ids [L], positions [V * tokens_per_view], mask None (no padding). n strings
-        that differ: ids [n, L] left-padded with the pad token to the longest prompt, positions
-        [n, V * tokens_per_view], mask [n, L] bool (False on padding), as the official Eagle processor batches
-        prompts."""
+        One string, or n equal ones: ids [L], positions [V * tokens_per_view], mask None. n strings that differ:
+        ids [n, L] left-padded with the pad token to the longest prompt, positions [n, V * tokens_per_view], as the
+        official Eagle processor batches prompts, and mask [n, L] bool (False on padding), or None where every
+        prompt has the same length (nothing padded)."""
         if isinstance(instruction, str):
             return (*self.prompt(instruction), None)
         if len(instruction) != n:
@@ -403,7 +403,7 @@ class Gr00tProcessor:
                 positions.append(row_positions + shift)
             if len(self._padded) >= 64:  # instruction lists vary little (one per env, tasks fixed): a small cache
                 self._padded.pop(next(iter(self._padded)))
-            self._padded[key] = (ids, torch.stack(positions), mask)
+            self._padded[key] = (ids, torch.stack(positions), None if bool(mask.all()) else mask)
         return self._padded[key]
 
     # -- images --

@@ -217,6 +217,18 @@ def test_save_then_load_is_exact_in_the_official_layout(tmp_path):
     assert again.keys() == written.keys() and all(torch.equal(again[n], written[n]) for n in written)
 
 
+def test_an_export_with_leanvlas_config_inside_config_json_still_loads(tmp_path, policy, params):
+    """Earlier exports kept the Gr00tConfig as config.json's `leanvla` section instead of leanvla_config.json."""
+    ckpt = tmp_path / "ckpt"
+    policy.save(params, str(ckpt))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["leanvla"] = json.loads((ckpt / "leanvla_config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "leanvla_config.json").unlink()
+    loaded_policy, _ = Gr00tPolicy.from_pretrained(str(ckpt))
+    assert loaded_policy.cfg == policy.cfg
+
+
 def test_both_official_dtype_layouts_load(tmp_path, policy, params):
     """A checkpoint with every tensor in fp32 (as RLinf's fine-tuned ones) and one in the official mixed dtypes
     load to the same params, up to the bf16 rounding of the backbone."""
@@ -409,6 +421,10 @@ def test_one_instruction_per_row_acts_as_each_prompt_alone(policy, params):
     torch.testing.assert_close(policy.value(params, obs, [short, long]), mixed["value"], **close)
     same = policy.sample(params, obs, [long, long], gen(3))      # equal strings: one prompt, no padding
     assert torch.equal(same["actions"], alone[1]["actions"]) and same["backbone_mask"].all()
+    even = policy.sample(params, obs, ["lift", "grab"], gen(3))  # different prompts of one length: nothing padded
+    lift, grab = (policy.sample(params, obs, text, gen(3)) for text in ("lift", "grab"))
+    assert even["backbone_mask"].all()
+    torch.testing.assert_close(even["actions"], torch.stack([lift["actions"][0], grab["actions"][1]]), **close)
     with pytest.raises(ValueError, match="got 3 instructions for a batch of 2 rows"):
         policy.sample(params, obs, ["a", "b", "c"], gen(0))
 

@@ -186,6 +186,20 @@ def test_gr00t_flow_sde_flags_reach_the_policy_from_a_preset_and_a_checkpoint(tm
     assert (default.cfg.noise_level, default.cfg.sde_steps) == (0.5, "one")
 
 
+def test_rl_keeps_the_backbone_of_an_sft_export_frozen(tmp_path):
+    """An SFT export that trained its vision tower records tune_visual; RL never trains the backbone (its features
+    are computed once, without gradients), so its policy has it frozen."""
+    from models.gr00t import Gr00tConfig, Gr00tPolicy
+    from tests.test_gr00t_processor import make_metadata
+
+    sft_policy = Gr00tPolicy(Gr00tConfig.preset("gr00t-tiny", tune_visual=True, tune_llm=True), metadata=make_metadata())
+    sft_policy.save(sft_policy.init(0), str(tmp_path / "gr00t"))
+    env = types.SimpleNamespace(task="camera task", state_dim=8, action_dim=7, num_views=2, image_size=32)
+    policy, params, _ = make_rl_policy(PPOConfig(policy=str(tmp_path / "gr00t")), env, torch.device("cpu"))
+    assert not policy.cfg.tune_visual and not policy.cfg.tune_llm
+    assert not any(policy.is_trainable(n) for n in params if n.startswith("backbone."))
+
+
 def test_bad_gr00t_flow_sde_flags_are_clear_errors():
     with pytest.raises(ConfigError, match="--gr00t-noise-level must be > 0, got 0.0"):
         check_rl_config(PPOConfig(gr00t_noise_level=0.0))

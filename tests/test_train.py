@@ -195,6 +195,15 @@ def test_ppo_on_a_two_instruction_env_gives_each_env_its_own_prompt(tmp_path, mo
     assert history["env/episode_len"] == 16.0 and history["rollout/logprob_gap"] < 1e-4  # fp32: evaluate agrees
 
 
+def test_grpo_refuses_groups_that_mix_instructions(tmp_path, capsys):
+    """Lift-red-or-blue with 2 envs has one red and one blue env: a group of 2 would compare two tasks."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["grpo", *STACK, "--env.task", "Leanvla-Lift-Red-Or-Blue-Cube-Franka-IK-Rel-Visuomotor",
+                           "--env.num-envs", "2", "--group-size", "2", "--num-iterations", "1",
+                           "--run-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "groups [0] of Leanvla-Lift-Red-Or-Blue" in capsys.readouterr().err
+
+
 def test_resume_on_cartpole_continues_exactly(tmp_path):
     """PPO on the real Isaac Lab env: 2 iterations, then 2 more after a resume, equal 4 straight. The checkpoint
     falls mid-episode (16 env steps into 10-step episodes), so this needs the env's state_dict."""
