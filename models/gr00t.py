@@ -26,7 +26,6 @@ only on request; checkpoint I/O in the official layout is `models/gr00t_checkpoi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
