@@ -75,6 +75,10 @@ class RLConfig(RunConfig):
     gr00t_sde_steps: Literal["one", "all"] | None = None
     """Which of GR00T's denoising steps are stochastic in RL: `one` random step per `sample` call (RLinf) or `all`.
     None: the checkpoint's or preset's (`one`)."""
+    pipeline_stages: int = 1
+    """S > 1: split each rank's envs into S stages, each an env in a worker process of its own, and pipeline the
+    rollout: while the policy samples one stage's next action chunk, the other stages play theirs (envs/workers.py,
+    algos/rollout.py). 1: one env in the training process, policy and env taking turns."""
     compile: bool = False
     """GR00T's GPU fast path with regional torch.compile of its repeated transformer blocks (each block class
     compiles once; about 25 s for the 3B model on an H100; faster `sample` and `evaluate`). See models/gr00t_fast.py."""
@@ -113,6 +117,10 @@ def check_rl_config(cfg: RLConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.env.num_envs % world_size:
         raise ConfigError(f"--env.num-envs {cfg.env.num_envs} is not divisible by the {world_size} DDP ranks")
+    check_positive(cfg, "pipeline_stages")
+    if (cfg.env.num_envs // world_size) % cfg.pipeline_stages:
+        raise ConfigError(f"--pipeline-stages {cfg.pipeline_stages} does not divide the {cfg.env.num_envs // world_size} "
+                          f"envs of each of the {world_size} DDP rank(s) (--env.num-envs {cfg.env.num_envs})")
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from algos.ppo import clipped_policy_loss, minibatch_indices
 from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
 from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_params,
                        optimizer_step, out_of_time, perf_metrics, progress, rank_env_config, show, start_run, timestamp)
+from envs.workers import make_stages
 from models.policy import Params, Policy
 
 
@@ -130,10 +131,12 @@ def check_config(cfg: GRPOConfig) -> None:
     check_rl_config(cfg)
     check_positive(cfg, "group_size", "update_epochs", "num_minibatches")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if (cfg.env.num_envs // world_size) % cfg.group_size:
+    stage_envs = cfg.env.num_envs // world_size // cfg.pipeline_stages
+    if stage_envs % cfg.group_size:
         raise ConfigError(
-            f"--env.num-envs {cfg.env.num_envs} over {world_size} rank(s) gives {cfg.env.num_envs // world_size} "
-            f"envs per rank, not divisible by --group-size {cfg.group_size} (groups must not straddle ranks)")
+            f"--env.num-envs {cfg.env.num_envs} over {world_size} rank(s) and {cfg.pipeline_stages} pipeline stage(s) "
+            f"gives {stage_envs} envs per stage, not divisible by --group-size {cfg.group_size} (groups must not "
+            "straddle ranks or stages)")
     if cfg.dual_clip is not None and cfg.dual_clip <= 1:
         raise ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
     if cfg.max_decisions is not None and cfg.max_decisions < 1:
@@ -146,7 +149,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
     if make_env is None:
         from envs import make_env
     run = start_run(cfg, "grpo", cfg.env.device)
-    env = make_env(rank_env_config(cfg.env, run))
+    env = make_stages(make_env, rank_env_config(cfg.env, run), cfg.pipeline_stages)
     if not isinstance(env.instruction, str):  # a group compares attempts at one task, from one start
         mixed = [g for g in range(env.num_envs // cfg.group_size)
                  if len(set(env.instruction[g * cfg.group_size:(g + 1) * cfg.group_size])) > 1]
@@ -171,7 +174,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         obs = env.reset(seed=env_seed(cfg.seed + iteration, run.rank), reset_keys=keys.to(run.device))
         success_seen.zero_()
         num_decisions = cfg.max_decisions or env.max_episode_steps  # the time limit ends every episode by then
-        batch, obs, episodes, env_steps = collect_rollout(env, policy, params, obs, num_decisions, run, success_seen,
+        batch, obs, stats = collect_rollout(env, policy, params, obs, num_decisions, run, success_seen,
                                                           stop_when_all_done=True)
 
         # 2. Group-relative advantages of each env's first episode, broadcast to its decisions.
@@ -195,7 +198,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         t_done = timestamp(run)
 
         # 4. Log and checkpoint.
-        env_steps = int(all_reduce_sum(torch.tensor(float(env_steps), device=run.device)).item())
+        env_steps = int(all_reduce_sum(torch.tensor(float(stats.env_steps), device=run.device)).item())
         global_step += env_steps
         steps_here += env_steps
         sums = all_reduce_sum(torch.stack([returns.sum(), success.float().sum(), keep.float().sum(),
@@ -204,7 +207,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/success_rate": sums[1].item() / n,
                     "rollout/groups_kept": sums[2].item() / n,
                     "rollout/advantages_mean": sums[3].item() / max(sums[2].item(), 1),
-                    "rollout/decisions": sums[4].item(), **episodes.metrics(),
+                    "rollout/decisions": sums[4].item(), **stats.metrics(),
                     **logprob_gap_metric(logprob_gap, run),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,

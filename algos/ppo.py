@@ -33,6 +33,7 @@ from algos.distributed import all_reduce_sum
 from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
 from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_step,
                        out_of_time, perf_metrics, progress, rank_env_config, show, start_run, timestamp)
+from envs.workers import make_stages
 from models.policy import Params, Policy
 
 
@@ -264,6 +265,9 @@ def check_config(cfg: PPOConfig) -> None:
             if value:
                 raise ConfigError(f"--{flag.replace('_', '-')} is not supported with --num-seeds > 1 (each seed "
                                   "logs to TensorBoard under <run>/seed_<s>)")
+        if cfg.pipeline_stages > 1:
+            raise ConfigError("--pipeline-stages > 1 is not supported with --num-seeds > 1 (the seeds share one env "
+                              "instance in the training process)")
     check_rl_config(cfg)
     check_positive(cfg, "num_steps", "update_epochs", "num_minibatches")
     if cfg.num_minibatches > cfg.num_steps * cfg.env.num_envs:
@@ -291,7 +295,7 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
 
         return ppo_seeds.train(cfg, make_env)
     run = start_run(cfg, "ppo", cfg.env.device)
-    env = make_env(rank_env_config(cfg.env, run))
+    env = make_stages(make_env, rank_env_config(cfg.env, run), cfg.pipeline_stages)
     policy, params, base = make_rl_policy(cfg, env, run.device, run.bf16, checkpoint.checkpoint_base(cfg.resume))
     optimizer = make_optimizer(policy, params, cfg.learning_rate, cfg.value_learning_rate, cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # the configured rates (a resume restores annealed ones)
@@ -315,7 +319,7 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
 
         # 1. Rollout: num_steps decisions of every env, then the value of where it stopped.
         t_rollout = timestamp(run)
-        batch, obs, episodes, env_steps = collect_rollout(env, policy, params, obs, cfg.num_steps, run, success_seen)
+        batch, obs, stats = collect_rollout(env, policy, params, obs, cfg.num_steps, run, success_seen)
         with torch.no_grad(), run.autocast():
             next_value = policy.value(params, obs, env.instruction).float()
 
@@ -339,12 +343,12 @@ def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:
         t_done = timestamp(run)
 
         # 4. Log and checkpoint.
-        global_step += env_steps * run.world_size
-        steps_here += env_steps * run.world_size
+        global_step += stats.env_steps * run.world_size
+        steps_here += stats.env_steps * run.world_size
         sums = all_reduce_sum(torch.stack([returns.sum(), advantages.sum(), batch["reward"].sum()]).double())
         n = returns.numel() * run.world_size
         metrics |= {"rollout/returns_mean": sums[0].item() / n, "rollout/advantages_mean": sums[1].item() / n,
-                    "rollout/rewards_mean": sums[2].item() / n, **episodes.metrics(),
+                    "rollout/rewards_mean": sums[2].item() / n, **stats.metrics(),
                     **logprob_gap_metric(logprob_gap, run),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": steps_here / (time.perf_counter() - t_start), "charts/iteration": iteration + 1,

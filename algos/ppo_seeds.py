@@ -119,14 +119,17 @@ def train(cfg: PPOConfig, make_env: Callable) -> dict:
 
         # 1. Rollout: every learner's noise from its own generator, one vmapped policy call, one env step.
         t_rollout = timestamp(run)
-        episodes, steps = Episodes(device, num_seeds), []
+        episodes, steps, policy_time, env_time = Episodes(device, num_seeds), [], 0.0, 0.0
         with torch.no_grad():
             for _ in range(cfg.num_steps):
+                t_policy = timestamp(run)
                 noise = torch.stack([torch.randn((n, env.action_dim), generator=r.generator, device=device)
                                      for r in runs])
                 with run.autocast():
                     out = act(params, by_seed(obs["state"]), noise)
+                t_env = timestamp(run)
                 obs, decision = play_chunk(env, out["actions"].flatten(0, 1).float(), success_seen, episodes)
+                policy_time, env_time = policy_time + t_env - t_policy, env_time + timestamp(run) - t_env
                 steps.append({**out, **{k: by_seed(v) for k, v in decision.items()}})
             with run.autocast():
                 next_value = values(params, by_seed(obs["state"])).float()
@@ -191,6 +194,7 @@ def train(cfg: PPOConfig, make_env: Callable) -> dict:
             metrics |= {"rollout/returns_mean": returns[k].mean().item(),
                         "rollout/advantages_mean": advantages[k].mean().item(),
                         "rollout/rewards_mean": batch["reward"][k].mean().item(), **episodes.metrics(k),
+                        "perf/policy_time": policy_time, "perf/env_time": env_time,
                         "charts/learning_rate": lrs[False][k].item(), "charts/SPS": global_step / elapsed,
                         "charts/total_SPS": num_seeds * global_step / elapsed, "charts/iteration": iteration + 1,
                         **perf_metrics(r, t_rollout, t_update, t_done)}

@@ -14,11 +14,15 @@ episode that ended), else playing them. Those steps' rewards are left out of the
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 
 from algos.distributed import all_reduce_sum
 from algos.run import Run
 from envs import Env
+from envs.workers import LocalStages, StagedEnv, flat, unflat
 from models.policy import Params, Policy
 
 
@@ -71,31 +75,102 @@ def play_chunk(env: Env, actions: torch.Tensor, success_seen: torch.Tensor, epis
     return obs, {"reward": reward, "terminated": terminated, "truncated": truncated, "success": success}
 
 
+def play_stage_chunk(env: Env, tensors: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+    """`play_chunk` as a pipeline stage's function (envs/workers.py): tensors "actions" [n, T, A] and "success_seen"
+    [n] in; the seconds it took, and the obs ("obs.*"), the decision, "success_seen" and "episode_sums" out."""
+    seen = tensors["success_seen"]
+    episodes = Episodes(seen.device)
+    start = time.perf_counter()
+    obs, decision = play_chunk(env, tensors["actions"], seen, episodes)
+    if seen.device.type == "cuda":
+        torch.cuda.synchronize(seen.device)
+    return time.perf_counter() - start, {**flat("obs", obs), **decision, "success_seen": seen,
+                                         "episode_sums": episodes.sums}
+
+
+@dataclass
+class RolloutStats:
+    episodes: Episodes
+    """The episodes that ended during the rollout."""
+    env_steps: int
+    """Env steps taken (this rank)."""
+    policy_time: float
+    """Seconds spent in `policy.sample` (the device synchronised after each call)."""
+    env_time: float
+    """Seconds the envs spent playing chunks (per pipeline stage, averaged over the stages)."""
+
+    def metrics(self) -> dict[str, float]:
+        """env/* of the finished episodes (all ranks) and this rank's perf/policy_time, perf/env_time."""
+        return {**self.episodes.metrics(), "perf/policy_time": self.policy_time, "perf/env_time": self.env_time}
+
+
 @torch.no_grad()
-def collect_rollout(env: Env, policy: Policy, params: Params, obs: dict[str, torch.Tensor], num_decisions: int,
-                    run: Run, success_seen: torch.Tensor, stop_when_all_done: bool = False,
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Episodes, int]:
+def collect_rollout(env: Env | StagedEnv, policy: Policy, params: Params, obs: dict[str, torch.Tensor],
+                    num_decisions: int, run: Run, success_seen: torch.Tensor, stop_when_all_done: bool = False,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RolloutStats]:
     """Run the policy for up to `num_decisions` decisions, sampling with the run's generator.
 
-    Returns (batch, next obs, finished episodes, env steps taken). `batch` stacks everything `policy.sample`
-    returned and `play_chunk`'s reward, terminated, truncated and success, each [D, N, ...]. `success_seen` [N]
-    is carried across rollouts. With `stop_when_all_done` (GRPO) the rollout ends as soon as every sub-env has
-    ended an episode."""
+    Returns (batch, next obs, stats). `batch` stacks everything `policy.sample` returned and `play_chunk`'s reward,
+    terminated, truncated and success, each [D, N, ...]. `success_seen` [N] is carried across rollouts.
+
+    With an env of S pipeline stages (envs/workers.py), each decision samples stage 0's chunk and hands it to
+    stage 0, then stage 1's, ...: while the policy samples for one stage, the others play their chunks. A stage's
+    sample waits only for its own last chunk. The policy sees the stages' obs in that fixed order, so the numbers
+    do not depend on timing; a plain env is one stage (sample, play, sample, play).
+
+    With `stop_when_all_done` (GRPO) the rollout ends at the start of a decision once every sub-env has ended an
+    episode, as far as the chunks finished by then show (stage 0's last chunk, the others' chunk before it: with
+    S > 1 stages that can be one decision more than needed, whose rows lie after every first episode)."""
+    stages = env if isinstance(env, StagedEnv) else LocalStages([env])
+    num_stages = stages.num_stages
+    stage_obs = stages.split(obs)
+    stage_seen = [success_seen[stages.stage_slice(s)] for s in range(num_stages)]
     episodes = Episodes(run.device)
-    ended_once = torch.zeros(env.num_envs, dtype=torch.bool, device=run.device)
-    steps, env_steps = [], 0
-    for _ in range(num_decisions):
-        with run.autocast():
-            out = policy.sample(params, obs, env.instruction, run.generator)
-        actions = out["actions"].float()
-        obs, decision = play_chunk(env, actions, success_seen, episodes)
-        env_steps += env.num_envs * actions.shape[1]
-        steps.append({**out, **decision})
-        ended_once |= decision["terminated"] | decision["truncated"]
-        if stop_when_all_done and bool(ended_once.all()):
-            break
-    batch = {k: torch.stack([s[k] for s in steps]) for k in steps[0]}
-    return batch, obs, episodes, env_steps
+    ended_once = torch.zeros(stages.num_envs, dtype=torch.bool, device=run.device)
+    steps: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(num_stages)]
+    pending = [False] * num_stages
+    env_steps, policy_time, env_time = 0, 0.0, 0.0
+
+    def finish_chunk(s: int) -> None:  # wait for stage s's chunk and file its results
+        nonlocal env_time
+        seconds, out = stages.collect(s)
+        pending[s] = False
+        env_time += seconds / num_stages
+        stage_obs[s] = unflat("obs", out)
+        steps[s][-1].update({k: out[k] for k in ("reward", "terminated", "truncated", "success")})
+        stage_seen[s].copy_(out["success_seen"])
+        episodes.sums += out["episode_sums"]
+        ended_once[stages.stage_slice(s)] |= out["terminated"] | out["truncated"]
+
+    for decision in range(num_decisions):
+        if decision > 0:
+            finish_chunk(0)
+            if stop_when_all_done and bool(ended_once.all()):
+                break
+        for s in range(num_stages):
+            if pending[s]:
+                finish_chunk(s)
+            start = time.perf_counter()
+            with run.autocast():
+                out = policy.sample(params, stage_obs[s], stages.stage_instructions[s], run.generator)
+            actions = out["actions"].float()
+            if actions.device.type == "cuda":
+                torch.cuda.synchronize(actions.device)
+            policy_time += time.perf_counter() - start
+            stages.submit(s, play_stage_chunk, {"actions": actions, "success_seen": stage_seen[s]})
+            pending[s] = True
+            steps[s].append(out)
+            env_steps += actions.shape[0] * actions.shape[1]
+    for s in range(num_stages):
+        if pending[s]:
+            finish_chunk(s)
+    batch = {k: _cat([torch.stack([step[k] for step in stage]) for stage in steps], dim=1) for k in steps[0][0]}
+    obs = {k: _cat([o[k] for o in stage_obs]) for k in stage_obs[0]}
+    return batch, obs, RolloutStats(episodes, env_steps, policy_time, env_time)
+
+
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)  # one stage: no copy
 
 
 def recompute_logprob(policy: Policy, params: Params, rows: dict[str, torch.Tensor], num_minibatches: int,

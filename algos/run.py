@@ -284,7 +284,8 @@ class Logger:
         (run_dir / "config.json").write_text(json.dumps(config, indent=1))
         self.writer = SummaryWriter(str(run_dir))
         self.writer.add_text("config", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # the same scalars, one JSON line per log call, for scripts
+        # the same scalars, one JSON line per log call, with the wall-clock time, for scripts
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.wandb = None
         if cfg.track:
             import wandb
@@ -297,7 +298,7 @@ class Logger:
         finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
         for k, v in finite.items():
             self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **finite}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **finite}) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(finite, step=step)

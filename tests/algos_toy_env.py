@@ -136,3 +136,8 @@ class StackedToyEnv:
 
     def close(self) -> None:
         pass
+
+
+def make_failing_env(cfg):
+    """An env factory that fails, as a misconfigured task would (for the worker-process error path)."""
+    raise ValueError(f"no env for task {cfg.task!r}")

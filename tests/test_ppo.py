@@ -72,9 +72,8 @@ def test_chunked_rollout_and_gae_hand_computed():
     env, run = ScriptedEnv(), types.SimpleNamespace(device=torch.device("cpu"), generator=None,
                                                    autocast=contextlib.nullcontext)
     success_seen = torch.zeros(2, dtype=torch.bool)
-    batch, obs, episodes, env_steps = collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)},
-                                                             2, run, success_seen)
-    assert env_steps == 12
+    batch, obs, stats = collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)}, 2, run, success_seen)
+    assert stats.env_steps == 12
     assert [a.tolist() for a in env.actions] == [[[0.0], [1.0]], [[10.0], [11.0]], [[20.0], [21.0]],
                                                  [[100.0], [101.0]], [[110.0], [111.0]], [[120.0], [121.0]]]
     # env 1's chunk 0 ends at its step 1, so its step-2 reward (4) belongs to the next episode; chunk 1 ends
@@ -85,7 +84,7 @@ def test_chunked_rollout_and_gae_hand_computed():
     assert batch["success"].tolist() == [[F, F], [T, F]]  # env 1's success at step 2 was in its next episode
     assert batch["actions"].shape == (2, 2, 3, 1)
     # env 1's episodes: return 20 (length 2), then 80 (length 5, succeeded at step 2 of the new episode)
-    assert episodes.metrics() == {"env/episode_return": 50.0, "env/episode_len": 3.5, "env/success_once": 0.5,
+    assert stats.episodes.metrics() == {"env/episode_return": 50.0, "env/episode_len": 3.5, "env/success_once": 0.5,
                                   "env/episodes": 2.0}
     assert success_seen.tolist() == [T, F]  # env 0 is mid-episode and has succeeded
     adv, _ = gae(batch["reward"], batch["value"], torch.tensor([2.0, 2.0]), batch["terminated"], batch["truncated"],

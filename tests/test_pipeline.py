@@ -1,0 +1,149 @@
+"""The pipelined rollout (--pipeline-stages, envs/workers.py): stages in worker processes give the same numbers as
+the same stages stepped in this process one after the other, and, for an env that is deterministic, as each
+stage's env run alone."""
+
+import contextlib
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from algos import grpo, ppo
+from algos.config import ConfigError
+from algos.rollout import collect_rollout
+from envs import EnvConfig, make_env
+from envs.workers import EnvWorkers, LocalStages, stage_seed
+from models.mlp import MLPConfig, MLPPolicy
+from tests.algos_toy_env import ToyCameraEnv, ToyEnv, make_failing_env
+
+
+def _run(seed: int = 0) -> types.SimpleNamespace:
+    return types.SimpleNamespace(device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
+                                 autocast=contextlib.nullcontext)
+
+
+def _assert_equal(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k!r} differs"
+
+
+def _rollouts(env, policy, params, rounds: int, decisions: int, stop_when_all_done: bool = False) -> list:
+    """`rounds` rollouts in a row from reset(seed=3), the obs and success flags carried, the same sampling seed."""
+    run, out = _run(), []
+    obs = env.reset(seed=3)
+    seen = torch.zeros(env.num_envs, dtype=torch.bool)
+    for _ in range(rounds):
+        batch, obs, stats = collect_rollout(env, policy, params, obs, decisions, run, seen, stop_when_all_done)
+        out.append((batch, obs, seen.clone(), stats))
+    return out
+
+
+@pytest.mark.parametrize("stop_when_all_done", [False, True])
+def test_worker_stages_equal_the_same_stages_in_this_process(stop_when_all_done):
+    """Two stages of a camera toy env in worker processes (the policy samples one stage while the other plays)
+    against the same two envs here, played one after the other: batches, obs (uint8 images through shared memory),
+    success flags, episode sums and step counts are equal. GRPO's early stop included."""
+    cfg = EnvConfig(task="toy", num_envs=6, device="cpu", max_episode_steps=5)
+    half = dataclasses.replace(cfg, num_envs=3)
+    policy = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(8,)), torch.device("cpu"))
+    params = policy.init(0)
+    with EnvWorkers(ToyCameraEnv, cfg, stages=2) as workers:
+        assert workers.num_envs == 6 and workers.stage_envs == 3 and workers.num_views == 1
+        assert workers.instruction == "stay near the middle"
+        pipelined = _rollouts(workers, policy, params, rounds=3, decisions=4, stop_when_all_done=stop_when_all_done)
+        state = workers.state_dict()
+    local_envs = LocalStages([ToyCameraEnv(half), ToyCameraEnv(half)])
+    local = _rollouts(local_envs, policy, params, rounds=3, decisions=4, stop_when_all_done=stop_when_all_done)
+    for r, ((b1, o1, s1, st1), (b2, o2, s2, st2)) in enumerate(zip(pipelined, local)):
+        _assert_equal(b1, b2, f"rollout {r} batch")
+        _assert_equal(o1, o2, f"rollout {r} obs")
+        assert torch.equal(s1, s2)
+        assert torch.equal(st1.episodes.sums, st2.episodes.sums) and st1.env_steps == st2.env_steps
+        assert b1["reward"].shape[1] == 6 and st1.env_time > 0
+    assert any(st.episodes.sums[0, 3] > 0 for *_, st in pipelined), "episodes should end within the rollouts"
+    _assert_equal(state, local_envs.state_dict(), "env state")
+    if not stop_when_all_done:
+        assert pipelined[0][0]["reward"].shape[0] == 4
+
+
+def test_pipelined_ppo_equals_the_same_stages_in_this_process_and_resumes_exactly(tmp_path):
+    """PPO with --pipeline-stages 2 against PPO on the same two stage envs held in this process: the same params
+    and metrics. Resuming its checkpoint (the stages' env states included) continues exactly."""
+    flags = dict(policy="mlp", env=EnvConfig(task="toy", num_envs=4, device="cpu", max_episode_steps=6),
+                 num_steps=5, num_iterations=2, num_minibatches=2, mlp=MLPConfig(hidden_sizes=(8,)),
+                 learning_rate=1e-3, save_every=1, seed=4)
+    piped = ppo.train(ppo.PPOConfig(pipeline_stages=2, run_dir=str(tmp_path / "piped"), **flags), make_env=ToyEnv)
+    local = ppo.train(ppo.PPOConfig(run_dir=str(tmp_path / "local"), **flags),
+                      make_env=lambda cfg: LocalStages([ToyEnv(dataclasses.replace(cfg, num_envs=2))
+                                                        for _ in range(2)]))
+    resumed = ppo.train(ppo.PPOConfig(pipeline_stages=2, resume=str(tmp_path / "piped" / "checkpoints" / "iter_000001"),
+                                      run_dir=str(tmp_path / "resumed"), **flags), make_env=ToyEnv)
+    for other in (local, resumed):
+        _assert_equal(piped["params"], other["params"], "params")
+    timing = ("charts/SPS", "perf/rollout_time", "perf/update_time", "perf/policy_time", "perf/env_time")
+    for ours, theirs in zip(piped["history"], local["history"]):
+        assert {k: v for k, v in ours.items() if k not in timing} == \
+               {k: v for k, v in theirs.items() if k not in timing}
+    with pytest.raises(KeyError, match="--pipeline-stages"):  # a state saved by 2 stages does not fit 1
+        ppo.train(ppo.PPOConfig(resume=str(tmp_path / "piped" / "checkpoints" / "iter_000001"),
+                                run_dir=str(tmp_path / "wrong"), **flags),
+                  make_env=lambda cfg: LocalStages([ToyEnv(cfg)]))
+
+
+class FeedbackPolicy:
+    """Deterministic chunks of T = 3 actions from the state (no sampling): each stage's rollout depends only on
+    its own env."""
+
+    def sample(self, params, obs, instruction, generator, deterministic=False):
+        state = obs["state"]
+        action = (-2.0 * state[:, :1] - state[:, 2:3]).clamp(-1, 1)
+        actions = torch.stack([action, 0.5 * action, -action], dim=1)
+        return {"actions": actions, "logprob": state.sum(1), "value": torch.zeros(len(state)), "state": state}
+
+
+def test_pipelined_cartpole_equals_each_stage_alone():
+    """Isaac Lab Cartpole: 2 stages of 2 envs in worker processes, played pipelined, give for each stage exactly what
+    a lone 2-env Cartpole reset with that stage's seed gives in the plain rollout (episode ends included)."""
+    cfg = EnvConfig(task="Isaac-Cartpole", num_envs=4, device="cpu", max_episode_steps=7)
+    with EnvWorkers(make_env, cfg, stages=2) as workers:
+        pipelined = _rollouts(workers, FeedbackPolicy(), {}, rounds=2, decisions=4)
+    for s in range(2):
+        rows = slice(2 * s, 2 * s + 2)
+        with make_env(dataclasses.replace(cfg, num_envs=2)) as env:
+            run, seen = _run(), torch.zeros(2, dtype=torch.bool)
+            obs = env.reset(seed=stage_seed(3, s))
+            for r in range(2):
+                batch, obs, stats = collect_rollout(env, FeedbackPolicy(), {}, obs, 4, run, seen)
+                p_batch, p_obs, p_seen, _ = pipelined[r]
+                _assert_equal({k: v[:, rows] for k, v in p_batch.items()}, batch, f"stage {s} rollout {r} batch")
+                _assert_equal({k: v[rows] for k, v in p_obs.items()}, obs, f"stage {s} rollout {r} obs")
+                assert torch.equal(p_seen[rows], seen)
+    ends = torch.cat([b["terminated"] | b["truncated"] for b, *_ in pipelined])
+    assert ends.any(), "episodes should end within the rollouts"
+
+
+def test_worker_errors_name_the_stage():
+    with pytest.raises(RuntimeError, match=r"(?s)pipeline stage 0 failed to start.*no env for task 'toy'"):
+        EnvWorkers(make_failing_env, EnvConfig(task="toy", num_envs=2, device="cpu"), stages=2)
+    with EnvWorkers(ToyEnv, EnvConfig(task="toy", num_envs=4, device="cpu"), stages=2) as workers:
+        with pytest.raises(ValueError, match=r"reset_keys must have shape \(4,\)"):
+            workers.reset(seed=0, reset_keys=torch.zeros(3, dtype=torch.long))
+        workers.reset(seed=0)
+        with pytest.raises(RuntimeError, match=r"(?s)pipeline stage 0 failed to run _step.*IndexError"):
+            workers.step(torch.zeros(4))  # no action dim: the stage's env.step raises
+        obs, *_ = workers.step(torch.zeros(4, 1))  # the workers still serve after an error
+        assert obs["state"].shape == (4, 2)
+
+
+def test_pipeline_stage_flags_are_checked():
+    env = EnvConfig(task="toy", num_envs=6, device="cpu")
+    with pytest.raises(ConfigError, match="--pipeline-stages 4 does not divide the 6 envs"):
+        ppo.check_config(ppo.PPOConfig(policy="mlp", env=env, pipeline_stages=4))
+    with pytest.raises(ConfigError, match="--pipeline-stages must be >= 1"):
+        ppo.check_config(ppo.PPOConfig(policy="mlp", env=env, pipeline_stages=0))
+    with pytest.raises(ConfigError, match="not supported with --num-seeds"):
+        ppo.check_config(ppo.PPOConfig(policy="mlp", env=env, pipeline_stages=2, num_seeds=2))
+    with pytest.raises(ConfigError, match="3 envs per stage, not divisible by --group-size 2"):
+        grpo.check_config(grpo.GRPOConfig(policy="mlp", env=env, pipeline_stages=2, group_size=2))
