@@ -1,6 +1,6 @@
 """The whole PPO loop with GR00T on stack-cube on one GPU, with and without the pipelined rollout.
 
-    python benchmarks/loop_throughput.py --num-envs 32 64 128 --pipeline-stages 1 2 \
+    python -m benchmarks.loop_throughput --num-envs 32 64 128 --pipeline-stages 1 2 \
         --gr00t-tokenizer <dir with the GR00T tokenizer files> --out benchmarks/results/loop_throughput
 
 For each env count and each --pipeline-stages it runs `train.py ppo` (official 3B size, random weights, bf16,
@@ -9,10 +9,12 @@ For each env count and each --pipeline-stages it runs `train.py ppo` (official 3
     env-steps/s      env steps / (rollout + update time)
     rollout, update  seconds per iteration
     policy, env      seconds per iteration in `policy.sample` (main process) and playing chunks (per stage); with
-                     one stage they take turns (policy + env = rollout), with more they overlap
+                     one stage they take turns (policy + env = rollout), with more they overlap. The env part's and
+                     the policy part's env-steps/s are the iteration's env steps over each of these times.
     GPU util         mean of nvidia-smi's utilization.gpu, sampled every 200 ms over the timed iterations
 
-and writes results.md and results.json to --out (the metrics of every run in runs.tar.gz).
+and writes results.md and results.json to --out after every run (the metrics and log of every run go into
+runs.tar.gz at the end).
 """
 
 from __future__ import annotations
@@ -131,9 +133,9 @@ def table(rows: list[dict], args: Args, device: str) -> str:
              f"16-step chunks per env per iteration, {args.update_epochs} epoch of {args.num_minibatches} minibatches; "
              f"{device}.", "",
              "| envs | pipeline stages | env-steps/s | rollout s/iter | update s/iter | policy s/iter | env s/iter "
-             "(per stage) | env-steps/s of the env alone | of the policy alone | GPU util |",
+             "(per stage) | env-steps/s of the env part | of the policy part | GPU util |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["num_envs"], r["stages"])):
         util = f"{r['gpu_util']:.0f} %" if r.get("gpu_util") is not None else "-"
         lines.append(f"| {r['num_envs']} | {r['stages']} | **{r['env_steps_per_s']:,.0f}** | {r['rollout_s']:.2f} | "
                      f"{r['update_s']:.2f} | {r['policy_s']:.2f} | {r['env_s']:.2f} | "
@@ -166,23 +168,28 @@ def main(args: Args) -> list[dict]:
                        **summarize(read_jsonl(args.out / f"metrics_{name}.jsonl"), args.warmup)}
                 row["gpu_util"] = gpu.mean(row["timed_from"], row["timed_to"]) if gpu else None
                 rows.append(row)
+                write_results(rows, args)  # what was measured stays if a later run fails or the machine goes
                 print(f"[loop] {name}: {row['env_steps_per_s']:,.0f} env-steps/s, rollout {row['rollout_s']:.2f} s "
                       f"(policy {row['policy_s']:.2f}, env {row['env_s']:.2f}), update {row['update_s']:.2f} s, "
                       f"GPU util {row['gpu_util']}", flush=True)
     finally:
         if gpu is not None:
             gpu.stop()
+    with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
+        for path in sorted(args.out.glob("metrics_*.jsonl")) + sorted(args.out.glob("train_*.log")):
+            tar.add(path, arcname=path.name)
+            path.unlink()
+    print(write_results(rows, args))
+    return rows
+
+
+def write_results(rows: list[dict], args: Args) -> str:
     device = device_name(args.device).replace(" on one host", "") if args.device == "cuda" else device_name("cpu")
     markdown = table(rows, args, device)
     (args.out / "results.md").write_text(markdown)
     (args.out / "results.json").write_text(json.dumps({"device": device, "args": asdict(args), "rows": rows},
                                                       indent=1, default=str))
-    with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
-        for path in sorted(args.out.glob("metrics_*.jsonl")) + sorted(args.out.glob("train_*.log")):
-            tar.add(path, arcname=path.name)
-            path.unlink()
-    print(markdown)
-    return rows
+    return markdown
 
 
 if __name__ == "__main__":

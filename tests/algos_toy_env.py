@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import torch
 
+# metrics that measure wall time: they differ between two runs that are otherwise bit-identical
+TIMING_METRICS = frozenset({"charts/SPS", "perf/rollout_time", "perf/update_time", "perf/policy_time",
+                            "perf/env_time"})
+
+
+def without_timing(record: dict) -> dict:
+    """One logged metrics record without its wall-time metrics, for comparing two runs exactly."""
+    return {k: v for k, v in record.items() if k not in TIMING_METRICS}
+
 
 class ToyEnv:
     task = "toy"

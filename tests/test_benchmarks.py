@@ -11,6 +11,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import eval as eval_script  # noqa: E402
+import loop_throughput  # noqa: E402
 import scaling  # noqa: E402
 import stack_cube_sft_rl  # noqa: E402
 import train as train_script  # noqa: E402
@@ -47,6 +48,26 @@ def test_scaling_command_is_a_valid_train_command(tmp_path):
     cfg = train_script.parse(cmd[6:])
     assert isinstance(cfg, ppo.PPOConfig) and cfg.env.num_envs == 32 and cfg.policy == "gr00t-n1.5-3b"
     assert cfg.gr00t_tokenizer == "/tok" and cfg.cuda_graphs and cfg.gamma == 0.9 and cfg.run_dir == str(tmp_path / "run")
+
+
+def test_loop_throughput_summary_and_table_hand_computed(tmp_path):
+    # 3 iterations of 4096 env steps; the first is warm-up
+    records = [{"step": 4096 * (i + 1), "time": 100.0 + i, "perf/rollout_time": r, "perf/update_time": 0.5,
+                "perf/policy_time": p, "perf/env_time": e, "perf/peak_memory_gb": 3.0}
+               for i, (r, p, e) in enumerate([(30.0, 20.0, 10.0), (1.5, 0.5, 1.0), (2.5, 1.5, 1.0)])]
+    row = loop_throughput.summarize(records, warmup=1)
+    assert row["env_steps_per_iter"] == 4096 and row["env_steps_per_s"] == pytest.approx(4096 / 2.5)
+    assert (row["rollout_s"], row["policy_s"], row["env_s"]) == pytest.approx((2.0, 1.0, 1.0))
+    assert (row["timed_from"], row["timed_to"]) == (100.0, 102.0)
+    table = loop_throughput.table([{"num_envs": 64, "stages": 2, **row, "gpu_util": 50.0}], loop_throughput.Args(),
+                                  "test GPU")
+    assert "| 64 | 2 | **1,638** | 2.00 | 0.50 | 1.00 | 1.00 | 4,096 | 4,096 | 50 % |" in table
+    with pytest.raises(RuntimeError, match="need more than --warmup 3"):
+        loop_throughput.summarize(records, warmup=3)
+    cmd = loop_throughput.train_command(loop_throughput.Args(gr00t_tokenizer="/tok"), 64, 2, tmp_path / "run")
+    cfg = train_script.parse(cmd[2:])
+    assert isinstance(cfg, ppo.PPOConfig) and cfg.env.num_envs == 64 and cfg.pipeline_stages == 2
+    assert cfg.compile and cfg.cuda_graphs and cfg.num_steps == 4 and cfg.policy == "gr00t-n1.5-3b"
 
 
 def test_stack_cube_pipeline_commands_are_valid(tmp_path):

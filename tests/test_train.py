@@ -9,7 +9,7 @@ import torch
 
 import eval as eval_script
 import train as train_script
-from tests.algos_toy_env import ToyCameraEnv, ToyEnv, ToyEnvNoState
+from tests.algos_toy_env import ToyCameraEnv, ToyEnv, ToyEnvNoState, without_timing
 
 SMALL = ["--policy", "mlp", "--env.task", "toy", "--env.device", "cpu", "--mlp.hidden-sizes", "16", "16",
          "--save-every", "2"]
@@ -22,9 +22,7 @@ def _same_run(a: dict, b: dict) -> None:
     assert a["params"].keys() == b["params"].keys()
     for n in a["params"]:
         assert torch.equal(a["params"][n], b["params"][n]), n
-    timing = {"charts/SPS", "perf/rollout_time", "perf/update_time"}
-    drop = lambda h: {k: v for k, v in h.items() if k not in timing}  # noqa: E731
-    assert [drop(h) for h in a["history"]] == [drop(h) for h in b["history"]]
+    assert [without_timing(h) for h in a["history"]] == [without_timing(h) for h in b["history"]]
 
 
 @pytest.mark.parametrize("algo, flags", [("ppo", ["--env.num-envs", "4", "--num-steps", "6"]),
