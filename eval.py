@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: success rate and returns over N episodes, MP4 videos and a JSON summary.
+"""Evaluate a checkpoint: success rate, the share of episodes reaching each of the task's milestones, returns over N
+episodes, MP4 videos and a JSON summary.
 
     python eval.py --checkpoint runs/<run>                     # the run's newest checkpoint, 10 episodes
     python eval.py --checkpoint runs/<run>/checkpoints/iter_000100 --num-episodes 100 --no-deterministic
@@ -133,8 +134,10 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
             done = (term | trunc).cpu()
             for i in done.nonzero().flatten().tolist():
                 if finished[i] < quota[i]:
+                    reached = [name for name, r in zip(env.milestones, info["milestones"][i].tolist()) if r]
                     episodes.append({"env": i, "return": float(info["episode_return"][i]),
-                                     "length": int(info["episode_length"][i]), "success": bool(success_seen[i])})
+                                     "length": int(info["episode_length"][i]), "success": bool(success_seen[i]),
+                                     "milestones": reached})
                     finished[i] += 1
                 if i in recording:
                     frames = recording.pop(i)  # the env has reset: show the last frame with the final verdict
@@ -153,11 +156,15 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
         "success_rate": float(np.mean([e["success"] for e in episodes])),
         "return_mean": float(returns.mean()), "return_std": float(returns.std()),
         "episode_length_mean": float(np.mean([e["length"] for e in episodes])),
+        # the share of episodes that reached each of the task's milestones (stack-cube: reach_red ... place_green)
+        "milestone_rates": {name: float(np.mean([name in e["milestones"] for e in episodes])) for name in env.milestones},
         "episodes": episodes, "videos": videos,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{len(episodes)} episodes: success {summary['success_rate']:.3f}, return {summary['return_mean']:.3f} "
           f"+- {summary['return_std']:.3f}, length {summary['episode_length_mean']:.1f} -> {out_dir / 'summary.json'}")
+    if summary["milestone_rates"]:
+        print("reached: " + ", ".join(f"{name} {rate:.3f}" for name, rate in summary["milestone_rates"].items()))
     return summary
 
 

@@ -119,7 +119,7 @@ def train(cfg: PPOConfig, make_env: Callable) -> dict:
 
         # 1. Rollout: every learner's noise from its own generator, one vmapped policy call, one env step.
         t_rollout = timestamp(run)
-        episodes, steps, policy_time, env_time = Episodes(device, num_seeds), [], 0.0, 0.0
+        episodes, steps, policy_time, env_time = Episodes(device, num_seeds, env.milestones), [], 0.0, 0.0
         with torch.no_grad():
             for _ in range(cfg.num_steps):
                 t_policy = timestamp(run)

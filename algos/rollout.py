@@ -28,23 +28,31 @@ from models.policy import Params, Policy
 
 class Episodes:
     """Sums over the episodes that ended during a rollout, kept on the device (no host sync per step); with
-    `groups` G, per group of consecutive sub-envs (the learners of a multi-seed run)."""
+    `groups` G, per group of consecutive sub-envs (the learners of a multi-seed run). `milestones`: the env's
+    milestone names, each counted where an ending episode reached it."""
 
-    def __init__(self, device: torch.device, groups: int = 1):
-        self.sums = torch.zeros(groups, 4, dtype=torch.float64, device=device)  # return, length, success, count
+    def __init__(self, device: torch.device, groups: int = 1, milestones: tuple[str, ...] = ()):
+        self.milestones = tuple(milestones)
+        # return, length, success, count, then one column per milestone
+        self.sums = torch.zeros(groups, 4 + len(self.milestones), dtype=torch.float64, device=device)
 
-    def add(self, done: torch.Tensor, returns: torch.Tensor, lengths: torch.Tensor, success: torch.Tensor) -> None:
+    def add(self, done: torch.Tensor, returns: torch.Tensor, lengths: torch.Tensor, success: torch.Tensor,
+            milestones: torch.Tensor | None = None) -> None:
+        """done, returns, lengths, success [N]; milestones [N, M] bool (those each episode reached)."""
         d = done.double().view(len(self.sums), -1)
-        self.sums += torch.stack([(returns.double().view_as(d) * d).sum(1), (lengths.double().view_as(d) * d).sum(1),
-                                  (success.double().view_as(d) * d).sum(1), d.sum(1)], dim=1)
+        columns = [returns, lengths, success, done]
+        if self.milestones:
+            columns += list(milestones.unbind(-1))
+        self.sums += torch.stack([(c.double().view_as(d) * d).sum(1) for c in columns], dim=1)
 
     def metrics(self, group: int = 0) -> dict[str, float]:
-        """Means over all ranks: env/episode_return, env/episode_len, env/success_once (none if no episode ended)."""
-        total, length, success, n = all_reduce_sum(self.sums[group]).tolist()
+        """Means over all ranks: env/episode_return, env/episode_len, env/success_once and, per milestone,
+        env/reached_<name> (the share of episodes that reached it); none if no episode ended."""
+        total, length, success, n, *reached = all_reduce_sum(self.sums[group]).tolist()
         if n == 0:
             return {}
         return {"env/episode_return": total / n, "env/episode_len": length / n, "env/success_once": success / n,
-                "env/episodes": n}
+                **{f"env/reached_{name}": r / n for name, r in zip(self.milestones, reached)}, "env/episodes": n}
 
 
 def play_chunk(env: Env, actions: torch.Tensor, success_seen: torch.Tensor, episodes: Episodes,
@@ -70,7 +78,7 @@ def play_chunk(env: Env, actions: torch.Tensor, success_seen: torch.Tensor, epis
         success |= info["success"] & ~ended
         success_seen |= info["success"]
         done = term | trunc
-        episodes.add(done, info["episode_return"], info["episode_length"], success_seen)
+        episodes.add(done, info["episode_return"], info["episode_length"], success_seen, info.get("milestones"))
         success_seen &= ~done
     return obs, {"reward": reward, "terminated": terminated, "truncated": truncated, "success": success}
 
@@ -79,7 +87,7 @@ def play_stage_chunk(env: Env, tensors: dict[str, torch.Tensor]) -> tuple[float,
     """`play_chunk` as a pipeline stage's function (envs/workers.py): tensors "actions" [n, T, A] and "success_seen"
     [n] in; the seconds it took, and the obs ("obs.*"), the decision, "success_seen" and "episode_sums" out."""
     seen = tensors["success_seen"]
-    episodes = Episodes(seen.device)
+    episodes = Episodes(seen.device, milestones=env.milestones)
     start = time.perf_counter()
     obs, decision = play_chunk(env, tensors["actions"], seen, episodes)
     if seen.device.type == "cuda":
@@ -125,7 +133,7 @@ def collect_rollout(env: Env | StagedEnv, policy: Policy, params: Params, obs: d
     num_stages = stages.num_stages
     stage_obs = stages.split(obs)
     stage_seen = [success_seen[stages.stage_slice(s)] for s in range(num_stages)]
-    episodes = Episodes(run.device)
+    episodes = Episodes(run.device, milestones=env.milestones)
     ended_once = torch.zeros(stages.num_envs, dtype=torch.bool, device=run.device)
     steps: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(num_stages)]
     pending = [False] * num_stages

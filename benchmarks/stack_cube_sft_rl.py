@@ -14,7 +14,8 @@ Phases (`--phases` picks some; each reads what the earlier ones wrote under --ou
   sft     GR00T (`--sft-policy`, random init) fine-tuned on them               (train.py sft)
   rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
   eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions
-  report  results.md / results.json and success_vs_env_steps.png
+  report  results.md / results.json (success with 95 % intervals, milestones reached) and
+          success_vs_env_steps.png (against env steps and RL minutes)
 
 Every job is a subprocess on one GPU (CUDA_VISIBLE_DEVICES) with its log under `<out>/logs/`. Jobs of one phase
 run in parallel, one per entry of `--gpus` (default `0 0`: two jobs share GPU 0). The training curves are the runs' own rollouts
@@ -273,6 +274,14 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
     return []
 
 
+def success_interval(successes: int, episodes: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a success rate (it stays inside [0, 1], unlike mean +- 2 SE)."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, episodes).proportion_ci(0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
@@ -286,7 +295,6 @@ def report(args: Args) -> dict:
     demos = Path(json.loads(sft_config.read_text())["dataset"]) if sft_config.is_file() else args.out / "demos"
     info = demos / "meta" / "info.json"
     demos_info = json.loads(info.read_text()) if info.is_file() else {}
-    sft = evals.get("sft", {}).get("success_rate")
     rows = []
     for name in models(args):
         if name not in evals:
@@ -295,12 +303,20 @@ def report(args: Args) -> dict:
         # the evaluated checkpoint's own counters (a run cut short is evaluated at its newest checkpoint)
         state = json.loads((Path(e["checkpoint"]) / "state.json").read_text())
         curve = [r for r in curves.get(name, []) if r["step"] <= state.get("global_step", 0)]
+        successes = round(e["success_rate"] * e["num_episodes"])
         rows.append({"model": name, "success_rate": e["success_rate"], "episodes": e["num_episodes"],
+                     "ci95": success_interval(successes, e["num_episodes"]),
+                     "milestone_rates": e.get("milestone_rates", {}),
                      "iteration": None if name == "sft" else state["iteration"],
-                     "gain_points": None if sft is None or name == "sft" else 100 * (e["success_rate"] - sft),
                      "env_steps": state.get("global_step", 0),
                      "train_minutes": (sum(r.get("perf/rollout_time", 0) + r.get("perf/update_time", 0)
                                            for r in curve) / 60) if curve else None})
+    sft = next((r for r in rows if r["model"] == "sft"), None)
+    for r in rows:
+        rl = sft is not None and r is not sft
+        r["gain_points"] = 100 * (r["success_rate"] - sft["success_rate"]) if rl else None
+        # the gain stands clear of the noise when the two 95 % intervals do not overlap
+        r["clear_of_sft"] = (r["ci95"][0] > sft["ci95"][1] or r["ci95"][1] < sft["ci95"][0]) if rl else None
     device = "CPU"
     if args.device == "cuda":
         import torch
@@ -308,14 +324,21 @@ def report(args: Args) -> dict:
         device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
     lines = [f"`{args.task}` ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {demos_info.get('total_episodes', '?')} "
              f"expert demos, then RL; {device}. Eval: {args.eval_episodes} episodes from seed {args.eval_seed}, "
-             "deterministic actions.", "",
-             "| model | success | gain over SFT | RL iterations | RL env steps | RL time (rollout + update) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "deterministic actions; success with its 95 % Wilson interval.", "",
+             "| model | success [95 % interval] | gain over SFT | intervals apart | RL iterations | RL env steps | "
+             "RL time (rollout + update) |",
+             "|---|---:|---:|:---:|---:|---:|---:|"]
     for r in rows:
         gain = "" if r["gain_points"] is None else f"{r['gain_points']:+.1f} points"
+        apart = "" if r["clear_of_sft"] is None else ("yes" if r["clear_of_sft"] else "no")
         minutes = "" if r["train_minutes"] is None else f"{r['train_minutes']:.1f} min"
-        lines.append(f"| {r['model']} | {r['success_rate']:.3f} ({r['episodes']} ep) | {gain} | {r['iteration'] or ''} | "
-                     f"{r['env_steps']:,} | {minutes} |")
+        lines.append(f"| {r['model']} | {r['success_rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+                     f"({r['episodes']} ep) | {gain} | {apart} | {r['iteration'] or ''} | {r['env_steps']:,} | {minutes} |")
+    milestones = list(rows[0]["milestone_rates"]) if rows else []
+    if milestones:  # how far the episodes got: the share that reached each of the task's milestones
+        lines += ["", "| model | " + " | ".join(milestones) + " |", "|---|" + "---:|" * len(milestones)]
+        lines += [f"| {r['model']} | " + " | ".join(f"{r['milestone_rates'].get(m, float('nan')):.3f}"
+                                                    for m in milestones) + " |" for r in rows]
     markdown = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(markdown)
     results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)), "rows": rows,
@@ -328,31 +351,37 @@ def report(args: Args) -> dict:
 
 
 def plot(args: Args, curves: dict[str, list[dict]], rows: list[dict]) -> None:
-    """Training-rollout success of each RL run against env steps; each model's eval as a point (`report`'s rows)."""
+    """Training-rollout success of each RL run against env steps and against training minutes (rollout + update);
+    each model's eval as a point (`report`'s rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (by_steps, by_minutes) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     evals = {r["model"]: r for r in rows}
     sft = evals.get("sft", {}).get("success_rate")
-    if sft is not None:
-        ax.axhline(sft, color="gray", ls="--", label=f"SFT (eval) {sft:.3f}")
     for i, (name, curve) in enumerate(curves.items()):
-        points = [(r["step"], r["env/success_once"]) for r in curve if "env/success_once" in r]
+        records = [r for r in curve if "env/success_once" in r]
+        minutes = [sum(r.get("perf/rollout_time", 0) + r.get("perf/update_time", 0) for r in curve[:k + 1]) / 60
+                   for k, r in enumerate(curve) if "env/success_once" in r]
         color = f"C{i}"
-        if points:
-            ax.plot(*zip(*points), color=color, label=f"{name} (training rollouts)")
-        if name in evals:
-            ax.plot([evals[name]["env_steps"]], [evals[name]["success_rate"]], "o", color=color, ms=8,
-                    label=f"{name} (eval) {evals[name]['success_rate']:.3f}")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{args.task}: SFT -> RL", fontsize=9)
+        for ax, xs, eval_x in ((by_steps, [r["step"] for r in records], "env_steps"),
+                               (by_minutes, minutes, "train_minutes")):
+            if records:
+                ax.plot(xs, [r["env/success_once"] for r in records], color=color, label=f"{name} (training rollouts)")
+            if name in evals and evals[name][eval_x] is not None:
+                ax.plot([evals[name][eval_x]], [evals[name]["success_rate"]], "o", color=color, ms=8,
+                        label=f"{name} (eval) {evals[name]['success_rate']:.3f}")
+    for ax, label in ((by_steps, "env steps"), (by_minutes, "RL minutes (rollout + update)")):
+        if sft is not None:
+            ax.axhline(sft, color="gray", ls="--", label=f"SFT (eval) {sft:.3f}")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    by_steps.set_ylabel("success rate")
+    by_steps.set_ylim(0, 1)
+    by_steps.legend(fontsize=8)
+    fig.suptitle(f"{args.task}: SFT -> RL", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out / "success_vs_env_steps.png", dpi=120)
 

@@ -27,6 +27,9 @@ class Env(Protocol):
     """The task's language instruction ('' for state tasks): one for every sub-env, or one per sub-env."""
     max_episode_steps: int
     """The time limit, in env steps."""
+    milestones: tuple[str, ...]
+    """The task's milestones (stack-cube: reach_red ... place_green), in the order an expert reaches them; the
+    last is the task's success. () for tasks without."""
     idle_action: torch.Tensor | None
     """[A] an action that holds the robot still (None: the task has none). Rollouts play it for the rest of an
     action chunk after a sub-env's episode ended mid-chunk."""
@@ -38,7 +41,8 @@ class Env(Protocol):
     def step(self, actions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor,
                                                     torch.Tensor, dict[str, Any]]:
         """actions [N, A] -> obs, reward [N], terminated [N], truncated [N], info ("success", "episode_return",
-        "episode_length"). Finished sub-envs are reset inside `step`."""
+        "episode_length", "milestones" [N, len(milestones)]: those the episode reached). Finished sub-envs are
+        reset inside `step`."""
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:

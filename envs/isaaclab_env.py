@@ -14,7 +14,9 @@ Contract (shared by every algorithm in `algos/`; `envs/env.py` states it as a Pr
     terminated  bool [N]   the episode ended inside the MDP (success, a cube fell): do not bootstrap
     truncated   bool [N]   the time limit ended it: bootstrap
     info        "success" bool [N] (the task's success test held this step);
-                "episode_return" float32 [N] and "episode_length" int64 [N], valid where terminated | truncated
+                "episode_return" float32 [N] and "episode_length" int64 [N], valid where terminated | truncated;
+                "milestones" bool [N, M]: which of the task's `milestones` (names, in order; M may be 0) the
+                episode has reached so far, valid where terminated | truncated
 
 Finished sub-envs are reset inside `step`; the obs returned for them is the first of the next episode.
 Initial states are drawn from *reset keys*: for tasks that support it (stack-cube), sub-envs that reset with
@@ -114,10 +116,12 @@ class IsaacLabEnv:
         self.idle_action = None if idle is None else torch.tensor(idle, dtype=torch.float32, device=self.device)
         self.num_views = len(self.spec.camera_names)
         self.image_size = cfg.image_size
+        self.milestones = self.spec.milestones
 
         n, dev = self.num_envs, self.device
         self.episode_return = torch.zeros(n, device=dev)
         self.episode_length = torch.zeros(n, dtype=torch.long, device=dev)
+        self.milestones_reached = torch.zeros(n, len(self.milestones), dtype=torch.bool, device=dev)
         self.reset_keys = torch.zeros(n, dtype=torch.long, device="cpu")  # the key each env last started from
         self._next_keys = torch.zeros(n, dtype=torch.long, device="cpu")
         self._key_generator = torch.Generator().manual_seed(0)
@@ -211,6 +215,7 @@ class IsaacLabEnv:
         self._started = True
         self.episode_return.zero_()
         self.episode_length.zero_()
+        self.milestones_reached.zero_()
         return self.spec.observe(obs)
 
     def step(self, actions: torch.Tensor):
@@ -222,14 +227,18 @@ class IsaacLabEnv:
         reward = self.spec.reward(self._env, env_reward, success).to(torch.float32)
         self.episode_return += reward
         self.episode_length += 1
+        if self.milestones:
+            self.milestones_reached |= self.spec.reached(self._env, success)
         done = terminated | truncated
         info = {
             "success": success,
             "episode_return": self.episode_return.clone(),
             "episode_length": self.episode_length.clone(),
+            "milestones": self.milestones_reached.clone(),
         }
         self.episode_return.masked_fill_(done, 0.0)
         self.episode_length.masked_fill_(done, 0)
+        self.milestones_reached.masked_fill_(done[:, None], False)
         return self._check_observations(self.spec.observe(obs)), reward, terminated.clone(), truncated.clone(), info
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -240,6 +249,7 @@ class IsaacLabEnv:
         adapter = {
             "episode_return": self.episode_return,
             "episode_length": self.episode_length,
+            "milestones_reached": self.milestones_reached,
             "reset_keys": self.reset_keys,
             "next_keys": self._next_keys,
             "key_generator": self._key_generator.get_state(),
@@ -258,6 +268,7 @@ class IsaacLabEnv:
                           check=False)
         self.episode_return.copy_(state["adapter.episode_return"])
         self.episode_length.copy_(state["adapter.episode_length"])
+        self.milestones_reached.copy_(state["adapter.milestones_reached"])
         self.reset_keys.copy_(state["adapter.reset_keys"])
         self._next_keys.copy_(state["adapter.next_keys"])
         self._key_generator.set_state(state["adapter.key_generator"].cpu())

@@ -74,6 +74,8 @@ class GenericSpec:
     idle_action: tuple[float, ...] | None = None
     """An action that holds the robot still, or None. A chunked policy's actions left over when an episode ends
     mid-chunk are replaced by it, so the next episode does not start with the last one's moves."""
+    milestones: tuple[str, ...] = ()
+    """The task's milestones, in the order an expert reaches them; the last one is the task's success."""
 
     def patch(self, env_cfg, cfg: EnvConfig) -> None:
         policy = getattr(env_cfg.observations, "policy", None)
@@ -102,6 +104,10 @@ class GenericSpec:
     def reward(self, env, env_reward: torch.Tensor, success: torch.Tensor) -> torch.Tensor:
         return env_reward
 
+    def reached(self, env, success: torch.Tensor) -> torch.Tensor:
+        """[N, len(milestones)] bool: the milestones that held in the step just taken."""
+        return torch.zeros(env.num_envs, 0, dtype=torch.bool, device=env.device)
+
     def privileged(self, env) -> dict[str, torch.Tensor]:
         return {}
 
@@ -117,6 +123,9 @@ JOINT_NOISE_STD = 0.02
 DEFAULT_STACK_STEPS = 448  # 22.4 s at 20 Hz, as RLinf
 DEFAULT_LIFT_STEPS = 160  # 8 s; the expert lifts the red block after about 100 steps
 LIFT_HEIGHT = 0.05  # lift success: the block's centre this far above its resting height [m]
+REACH_DISTANCE = 0.03  # milestone "reach": the tool centre point this close to the block's centre [m]
+GRASP_HEIGHT = 0.01  # milestone "grasp": a reached block held this far above its resting height [m]
+GRASP_GAP = 0.05  # ... with the fingers closed this far (sum of the two finger joints) or less [m]
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,26 @@ def stack_state(env) -> torch.Tensor:
     pos, quat = tcp_pose(env)
     fingers = env.scene["robot"].data.joint_pos.torch[:, franka_indices(env).fingers]
     return torch.cat([pos, axis_angle_from_quat(quat), fingers], dim=-1)
+
+
+def cube_positions(env) -> torch.Tensor:
+    """[N, 3, 3] the centres of the blue, red and green blocks (env frame)."""
+    return torch.stack([env.scene[c].data.root_pos_w.torch - env.scene.env_origins for c in CUBES], dim=1)
+
+
+def finger_gap(env) -> torch.Tensor:
+    """[N] the distance between the Franka's fingers: the sum of the two finger joints [m]."""
+    return env.scene["robot"].data.joint_pos.torch[:, franka_indices(env).fingers].sum(-1)
+
+
+def pick_progress(tcp_pos: torch.Tensor, finger_gap: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
+    """[N, 3] bool: reach, grasp, lift of one block per env. Reach: the tool centre point within REACH_DISTANCE of
+    the block's centre. Grasp: reached, the fingers closed to GRASP_GAP or less, the block GRASP_HEIGHT above
+    its resting height (held, not pushed). Lift: the block LIFT_HEIGHT above its resting height."""
+    height = block_pos[:, 2] - CUBE_POSE_RANGE["z"][0]
+    reach = torch.linalg.vector_norm(tcp_pos - block_pos, dim=-1) < REACH_DISTANCE
+    grasp = reach & (finger_gap <= GRASP_GAP) & (height > GRASP_HEIGHT)
+    return torch.stack([reach, grasp, height > LIFT_HEIGHT], dim=-1)
 
 
 def sample_stack_layout(key: int, num_arm_joints: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,9 +255,10 @@ class StackCubeSpec(GenericSpec):
     ls_iterations = 50  # Isaac Lab's stack config: 15, which the expert's grasps exceed in most steps (CPU probe)
     idle_action = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # no IK-relative motion, gripper open (as reset leaves it)
     episode_steps = DEFAULT_STACK_STEPS
+    milestones = ("reach_red", "grasp_red", "lift_red", "place_red", "grasp_green", "place_green")
 
     def patch(self, env_cfg, cfg: EnvConfig) -> None:
-        from isaaclab.managers import EventTermCfg, ObservationGroupCfg, ObservationTermCfg
+        from isaaclab.managers import EventTermCfg, ObservationGroupCfg, ObservationTermCfg, TerminationTermCfg
 
         kitless = cfg.sim == "kitless"
         for name in self.camera_names:
@@ -257,6 +287,7 @@ class StackCubeSpec(GenericSpec):
         for name in list(vars(env_cfg.events)):
             setattr(env_cfg.events, name, None)
         env_cfg.events.keyed_reset = EventTermCfg(func=keyed_stack_reset, mode="reset")
+        env_cfg.terminations.leanvla_progress = TerminationTermCfg(func=self.record_progress)
 
         env_cfg.episode_length_s = self.episode_steps * env_cfg.sim.dt * env_cfg.decimation
 
@@ -274,10 +305,33 @@ class StackCubeSpec(GenericSpec):
     def reward(self, env, env_reward: torch.Tensor, success: torch.Tensor) -> torch.Tensor:
         return success.to(torch.float32)
 
+    def record_progress(self, env) -> torch.Tensor:
+        """A termination term that never terminates: it stores `progress` on the env. Isaac Lab evaluates its
+        terminations before it resets the envs that finished, so an episode's last step is judged on its own state
+        (an observation term would see the next episode's first)."""
+        env.leanvla_progress = self.progress(env)
+        return torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+
+    def progress(self, env) -> torch.Tensor:
+        """[N, 5] bool: the milestones before success that hold now (reach, grasp and lift the red block, red on
+        blue and released, grasp the green block)."""
+        from isaaclab.managers import SceneEntityCfg
+        from isaaclab_tasks.contrib.stack.mdp import cubes_stacked
+
+        tcp, cubes, gap = tcp_pose(env)[0], cube_positions(env), finger_gap(env)
+        red, green = pick_progress(tcp, gap, cubes[:, 1]), pick_progress(tcp, gap, cubes[:, 2])
+        # Isaac Lab's own stacking test (positions, gripper open, cubes at rest), for the first pair only
+        red_on_blue = cubes_stacked(env, cube_1_cfg=SceneEntityCfg(CUBES[0]), cube_2_cfg=SceneEntityCfg(CUBES[1]),
+                                    cube_3_cfg=None)
+        return torch.cat([red, red_on_blue[:, None], green[:, 1:2]], dim=-1)
+
+    def reached(self, env, success: torch.Tensor) -> torch.Tensor:
+        return torch.cat([env.leanvla_progress, success[:, None]], dim=-1)
+
     def privileged(self, env) -> dict[str, torch.Tensor]:
         robot = env.scene["robot"]
         tcp_pos, tcp_quat = tcp_pose(env)
-        cube_pos = torch.stack([env.scene[c].data.root_pos_w.torch - env.scene.env_origins for c in CUBES], dim=1)
+        cube_pos = cube_positions(env)
         cube_quat = torch.stack([env.scene[c].data.root_quat_w.torch for c in CUBES], dim=1)
         return {
             "tcp_pos": tcp_pos,
@@ -312,6 +366,7 @@ class LiftCubeSpec(StackCubeSpec):
 
     instruction = LIFT_INSTRUCTION
     episode_steps = DEFAULT_LIFT_STEPS
+    milestones = ("reach", "grasp", "lift")
 
     def patch(self, env_cfg, cfg: EnvConfig) -> None:
         from isaaclab.managers import TerminationTermCfg
@@ -321,6 +376,14 @@ class LiftCubeSpec(StackCubeSpec):
 
     success_test = staticmethod(cube_lifted)
 
+    def target_block(self, env) -> torch.Tensor:
+        """[N, 3] the centre of the block each sub-env is told to lift."""
+        return cube_positions(env)[:, 1]
+
+    def progress(self, env) -> torch.Tensor:
+        """[N, 2] bool: reach and grasp the block to lift (the last milestone, lift, is the success)."""
+        return pick_progress(tcp_pose(env)[0], finger_gap(env), self.target_block(env))[:, :2]
+
 
 class LiftRedOrBlueSpec(LiftCubeSpec):
     """Two tasks in one vectorised env, told apart only by the instruction: the first half of the sub-envs are told
@@ -328,6 +391,10 @@ class LiftRedOrBlueSpec(LiftCubeSpec):
     LIFT_HEIGHT. (In halves, so that GRPO's groups of consecutive sub-envs hold one task each.)"""
 
     success_test = staticmethod(instructed_cube_lifted)
+
+    def target_block(self, env) -> torch.Tensor:
+        cubes = cube_positions(env)
+        return torch.where(told_blue(env.num_envs, env.device)[:, None], cubes[:, 0], cubes[:, 1])
 
     def instructions(self, num_envs: int) -> list[str]:
         return [LIFT_BLUE_INSTRUCTION if blue else LIFT_INSTRUCTION for blue in told_blue(num_envs).tolist()]

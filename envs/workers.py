@@ -31,7 +31,8 @@ Tensors = dict[str, torch.Tensor]
 StageFn = Callable[..., tuple[Any, Tensors]]
 STAGE_SEED_STRIDE = 10_007
 """Stage s resets with seed + s x this (DDP ranks are 1,000,003 apart: no collision below 99 stages)."""
-SPACES = ("task", "num_envs", "num_views", "image_size", "state_dim", "action_dim", "instruction", "max_episode_steps")
+SPACES = ("task", "num_envs", "num_views", "image_size", "state_dim", "action_dim", "instruction", "max_episode_steps",
+          "milestones")
 
 
 def stage_seed(seed: int | None, stage: int) -> int | None:
@@ -85,7 +86,7 @@ class StagedEnv:
         self.stage_envs = first["num_envs"]
         """Sub-envs per stage."""
         self.num_envs = self.stage_envs * self.num_stages
-        for name in ("task", "num_views", "image_size", "state_dim", "action_dim", "max_episode_steps"):
+        for name in ("task", "num_views", "image_size", "state_dim", "action_dim", "max_episode_steps", "milestones"):
             setattr(self, name, first[name])
         self.stage_instructions = [s["instruction"] for s in spaces]
         """Each stage's instruction (a string, or one per sub-env of the stage)."""

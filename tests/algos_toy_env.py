@@ -1,7 +1,8 @@
 """A tiny pure-torch env with the `envs` contract, for fast tests of the training loops (no Isaac Lab).
 
 A point mass on a line: state (position, velocity), action = force. Reward 1 - x^2 per step; terminated when
-|x| > 1.5; success while |x| < 0.1; truncated at `max_episode_steps`. Like the Isaac Lab env it can save and
+|x| > 1.5; success while |x| < 0.1; truncated at `max_episode_steps`. Milestones: |x| < 0.5 ("near"), then
+success ("centre"). Like the Isaac Lab env it can save and
 restore its whole state (`state_dict`), which lets a fast test check that `--resume` continues bit-exactly.
 """
 
@@ -27,6 +28,7 @@ class ToyEnv:
     state_dim = 2
     action_dim = 1
     idle_action = None
+    milestones = ("near", "centre")
 
     def __init__(self, cfg):
         self.num_envs = cfg.num_envs
@@ -36,6 +38,7 @@ class ToyEnv:
         n = self.num_envs
         self.x, self.v = torch.zeros(n), torch.zeros(n)
         self.t, self.ret = torch.zeros(n, dtype=torch.long), torch.zeros(n)
+        self.reached = torch.zeros(n, 2, dtype=torch.bool)  # milestones of the current episodes
         self.resets = 0  # how many times reset() was called (tests read it)
 
     def _initial(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +57,7 @@ class ToyEnv:
             self.x, self.v = torch.cat([s[0] for s in starts]), torch.cat([s[1] for s in starts])
         self.t.zero_()
         self.ret.zero_()
+        self.reached.zero_()
         return self._obs()
 
     def step(self, actions: torch.Tensor):
@@ -66,23 +70,25 @@ class ToyEnv:
         terminated = self.x.abs() > 1.5
         truncated = (self.t >= self.max_episode_steps) & ~terminated
         success = self.x.abs() < 0.1
+        self.reached |= torch.stack([self.x.abs() < 0.5, success], -1)
         done = terminated | truncated
         info = {"success": success.to(self.device), "episode_return": self.ret.clone().to(self.device),
-                "episode_length": self.t.clone().to(self.device)}
+                "episode_length": self.t.clone().to(self.device), "milestones": self.reached.clone().to(self.device)}
         if done.any():
             x0, v0 = self._initial(int(done.sum()), self.generator)
             self.x[done], self.v[done] = x0, v0
-            self.t[done], self.ret[done] = 0, 0.0
+            self.t[done], self.ret[done], self.reached[done] = 0, 0.0, False
         dev = self.device
         return self._obs(), reward.to(dev), terminated.to(dev), truncated.to(dev), info
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"x": self.x.clone(), "v": self.v.clone(), "t": self.t.clone(), "ret": self.ret.clone(),
-                "generator": self.generator.get_state()}
+                "reached": self.reached.clone(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.x, self.v = state["x"].cpu().clone(), state["v"].cpu().clone()
         self.t, self.ret = state["t"].cpu().clone(), state["ret"].cpu().clone()
+        self.reached = state["reached"].cpu().clone()
         self.generator.set_state(state["generator"].cpu())
 
     def close(self) -> None:
@@ -125,7 +131,8 @@ class StackedToyEnv:
         self.envs = [ToyEnv(dataclasses.replace(cfg, num_envs=cfg.num_envs // groups)) for _ in range(groups)]
         first = self.envs[0]
         self.num_envs, self.device, self.max_episode_steps = cfg.num_envs, first.device, first.max_episode_steps
-        for name in ("task", "num_views", "image_size", "instruction", "state_dim", "action_dim", "idle_action"):
+        for name in ("task", "num_views", "image_size", "instruction", "state_dim", "action_dim", "idle_action",
+                     "milestones"):
             setattr(self, name, getattr(first, name))
 
     def reset(self, seed: int = 0, reset_keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -196,3 +196,37 @@ def test_policy_profile_sorts_kernels_by_kind_and_sums_to_the_total(tmp_path):
     assert all(r[1].startswith("[[") for r in op_rows)
     times = [float(r[3]) for r in op_rows]
     assert times == sorted(times, reverse=True) and times[-1] > 0
+
+
+def test_stack_cube_report_intervals_gains_and_milestones(tmp_path):
+    """report() from eval summaries the test writes: Wilson intervals (hand-computed), gains, whether the intervals
+    are apart, and the milestone table."""
+    args = stack_cube_sft_rl.Args(out=tmp_path, rl_algos=["ppo", "grpo"], device="cpu")
+    names = ["sft", "ppo_lr1e-06", "grpo_lr1e-06"]
+    successes = {"sft": 64, "ppo_lr1e-06": 128, "grpo_lr1e-06": 80}  # of 256
+    for i, name in enumerate(names):
+        ckpt = tmp_path / name / "checkpoints" / "iter_000004"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"iteration": 4, "global_step": 1000 * i}))
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        rate = successes[name] / 256
+        (tmp_path / "eval" / name / "summary.json").write_text(json.dumps(
+            {"checkpoint": str(ckpt), "success_rate": rate, "num_episodes": 256,
+             "milestone_rates": {"reach_red": 1.0, "place_green": rate}}))
+    (tmp_path / "ppo_lr1e-06" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"step": s, "perf/rollout_time": 50.0, "perf/update_time": 10.0}) for s in (500, 1000)))
+    results = stack_cube_sft_rl.report(args)
+    rows = {r["model"]: r for r in results["rows"]}
+    # Wilson, z = 1.96: 64/256 -> centre (0.25 + z^2/512) / (1 + z^2/256) = 0.25370, half-width
+    # z sqrt(0.25 * 0.75 / 256 + z^2 / (4 * 256^2)) / (1 + z^2/256) = 0.05278
+    assert rows["sft"]["ci95"] == pytest.approx((0.20092, 0.30648), abs=1e-5)
+    assert rows["ppo_lr1e-06"]["ci95"] == pytest.approx((0.43921, 0.56079), abs=1e-5)
+    assert rows["ppo_lr1e-06"]["gain_points"] == pytest.approx(25.0) and rows["ppo_lr1e-06"]["clear_of_sft"]
+    assert rows["grpo_lr1e-06"]["gain_points"] == pytest.approx(6.25) and not rows["grpo_lr1e-06"]["clear_of_sft"]
+    assert rows["sft"]["gain_points"] is None and rows["sft"]["clear_of_sft"] is None
+    assert rows["ppo_lr1e-06"]["train_minutes"] == pytest.approx(2.0)  # the two records up to its global step 1000
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| ppo_lr1e-06 | 0.500 [0.439, 0.561] (256 ep) | +25.0 points | yes | 4 | 1,000 | 2.0 min |" in markdown
+    assert "| grpo_lr1e-06 | 0.312 [0.259, 0.372] (256 ep) | +6.2 points | no | 4 | 2,000 |  |" in markdown
+    assert "| model | reach_red | place_green |" in markdown and "| sft | 1.000 | 0.250 |" in markdown
+    assert (tmp_path / "success_vs_env_steps.png").is_file()

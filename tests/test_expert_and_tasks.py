@@ -11,7 +11,7 @@ from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_as
 from envs.expert import DONE, StackExpert
 from envs.lerobot import LeRobotDataset
 from envs.tasks import (LIFT_BLUE_INSTRUCTION, LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, LIFT_RED_OR_BLUE,
-                         STACK_INSTRUCTION)
+                         STACK_INSTRUCTION, pick_progress)
 
 
 def test_offline_franka_has_real_drives():
@@ -93,22 +93,63 @@ def test_two_instructions_in_one_env_each_succeed_on_their_own_block():
         def raise_block(cube: str, env_id: int) -> None:
             ids = torch.tensor([env_id])
             pose = torch.cat([scene[cube].data.root_pos_w.torch[ids], scene[cube].data.root_quat_w.torch[ids]], -1)
-            pose[:, 2] += 0.25
+            pose[:, 2] += 0.10  # well below the hand (about 0.25 m up at the start)
             scene[cube].write_root_pose_to_sim_index(root_pose=pose, env_ids=ids)
             scene[cube].write_root_velocity_to_sim_index(root_velocity=torch.zeros(1, 6), env_ids=ids)
 
         def step():
             _, reward, terminated, _, info = env.step(env.idle_action.expand(2, -1).contiguous())
-            return reward.tolist(), terminated.tolist(), info["success"].tolist()
+            return reward.tolist(), terminated.tolist(), info["success"].tolist(), info["milestones"].tolist()
 
         env.reset(seed=0)
         raise_block("cube_1", 0)            # the blue block, in the env told to lift the red one
         raise_block("cube_2", 1)            # the red block, in the env told to lift the blue one
-        assert step() == ([0.0, 0.0], [False, False], [False, False])
+        assert env.milestones == ("reach", "grasp", "lift")
+        assert step() == ([0.0, 0.0], [False, False], [False, False], [[False] * 3] * 2)
         env.reset(seed=0)
         raise_block("cube_2", 0)
         raise_block("cube_1", 1)
-        assert step() == ([1.0, 1.0], [True, True], [True, True])
+        # each episode reached "lift" (its success), and neither reached nor grasped the block with the hand
+        assert step() == ([1.0, 1.0], [True, True], [True, True], [[False, False, True]] * 2)
+        assert not env.milestones_reached.any()  # the next episodes start with none
+    finally:
+        env.close()
+
+
+def test_pick_progress_hand_computed():
+    rest = 0.0203  # a block's centre at rest
+    block = torch.tensor([[0.5, 0.0, rest], [0.5, 0.0, rest + 0.02], [0.5, 0.0, rest + 0.02],
+                          [0.5, 0.0, rest + 0.06], [0.5, 0.0, rest + 0.06]])
+    tcp = block + torch.tensor([[0.0, 0.02, 0.0],    # 2 cm from the resting block: reached
+                                [0.0, 0.0, 0.0],     # at the block, 2 cm up, fingers on it: grasped
+                                [0.0, 0.0, 0.0],     # the same with the gripper open: not grasped
+                                [0.0, 0.0, 0.0],     # held 6 cm up: grasped and lifted
+                                [0.0, 0.0, 0.04]])   # 6 cm up, the hand 4 cm away (on another block): lifted only
+    gap = torch.tensor([0.08, 0.0406, 0.08, 0.0406, 0.08])
+    assert pick_progress(tcp, gap, block).tolist() == [[True, False, False], [True, True, False],
+                                                       [True, False, False], [True, True, True],
+                                                       [False, False, True]]
+
+
+def test_an_expert_stack_episode_reaches_every_milestone_in_order():
+    env = make_env(EnvConfig(num_envs=1, device="cpu", image_size=16))
+    try:
+        expert = StackExpert(1, env.device)
+        env.reset(seed=0)
+        expert.reset()
+        first_reached = {}  # milestone -> the step it was first reached
+        for t in range(env.max_episode_steps):
+            _, _, terminated, truncated, info = env.step(expert.act(env.privileged_state()))
+            for name, reached in zip(env.milestones, info["milestones"][0].tolist()):
+                if reached:
+                    first_reached.setdefault(name, t)
+            if terminated | truncated:
+                break
+        assert bool(terminated) and bool(info["success"])
+        assert env.milestones == ("reach_red", "grasp_red", "lift_red", "place_red", "grasp_green", "place_green")
+        assert info["milestones"].tolist() == [[True] * 6]
+        steps = [first_reached[name] for name in env.milestones]
+        assert steps == sorted(steps) and steps[-1] == t and len(set(steps)) == 6, first_reached
     finally:
         env.close()
 

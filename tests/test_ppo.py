@@ -40,11 +40,13 @@ def test_gae_terminations_truncations_hand_computed():
 class ScriptedEnv:
     """Two envs, fixed per-step rewards and ends: env 1 terminates at step 1 and is truncated at step 4."""
 
-    num_envs, device, instruction, idle_action = 2, torch.device("cpu"), "", None
+    num_envs, device, instruction, idle_action, milestones = 2, torch.device("cpu"), "", None, ("halfway",)
     rewards = [[1, 1], [1, 2], [1, 4], [1, 8], [1, 16], [1, 32]]
     terminated = [[F, F], [F, T], [F, F], [F, F], [F, F], [F, F]]
     truncated = [[F, F], [F, F], [F, F], [F, F], [F, T], [F, F]]
     success = [[F, F], [F, F], [F, T], [F, F], [T, F], [F, F]]
+    halfway = [[F, F], [T, F], [T, T], [T, T], [T, T], [T, F]]  # reached so far in the episode
+
 
     def __init__(self):
         self.t = 0
@@ -54,7 +56,7 @@ class ScriptedEnv:
         t, self.t = self.t, self.t + 1
         self.actions.append(actions.clone())
         info = {"success": torch.tensor(self.success[t]), "episode_return": torch.tensor([10.0 * t, 20.0 * t]),
-                "episode_length": torch.tensor([t + 1, t + 1])}
+                "episode_length": torch.tensor([t + 1, t + 1]), "milestones": torch.tensor(self.halfway[t])[:, None]}
         return ({"state": torch.full((2, 1), float(t + 1))}, torch.tensor(self.rewards[t], dtype=torch.float32),
                 torch.tensor(self.terminated[t]), torch.tensor(self.truncated[t]), info)
 
@@ -83,9 +85,10 @@ def test_chunked_rollout_and_gae_hand_computed():
     assert batch["truncated"].tolist() == [[F, F], [F, T]]
     assert batch["success"].tolist() == [[F, F], [T, F]]  # env 1's success at step 2 was in its next episode
     assert batch["actions"].shape == (2, 2, 3, 1)
-    # env 1's episodes: return 20 (length 2), then 80 (length 5, succeeded at step 2 of the new episode)
+    # env 1's episodes: return 20 (length 2, not halfway), then 80 (length 5, halfway, succeeded at step 2 of the
+    # new episode)
     assert stats.episodes.metrics() == {"env/episode_return": 50.0, "env/episode_len": 3.5, "env/success_once": 0.5,
-                                  "env/episodes": 2.0}
+                                        "env/reached_halfway": 0.5, "env/episodes": 2.0}
     assert success_seen.tolist() == [T, F]  # env 0 is mid-episode and has succeeded
     adv, _ = gae(batch["reward"], batch["value"], torch.tensor([2.0, 2.0]), batch["terminated"], batch["truncated"],
                  gamma=0.5, gae_lambda=0.5)

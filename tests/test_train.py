@@ -69,6 +69,8 @@ def test_logs_tensorboard_metrics_and_config(tmp_path, monkeypatch):
     assert lines[1]["actor/loss"] == pytest.approx(events.Scalars("actor/loss")[1].value, rel=1e-6)
     assert all(r["perf/rollout_time"] > 0 and r["perf/update_time"] > 0 and r["perf/peak_memory_gb"] == 0
                for r in lines)
+    # per milestone, the share of finished episodes that reached it; the toy's last milestone is its success
+    assert all(1 >= r["env/reached_near"] >= r["env/reached_centre"] == r["env/success_once"] for r in lines)
 
 
 def test_wandb_offline_logging(tmp_path, monkeypatch):
@@ -90,6 +92,9 @@ def test_eval_writes_summary_and_videos(tmp_path, monkeypatch):
     assert summary["return_mean"] == pytest.approx(sum(e["return"] for e in summary["episodes"]) / 3)
     out = tmp_path / "eval" / "iter_000001"
     assert json.loads((out / "summary.json").read_text())["success_rate"] == summary["success_rate"]
+    rates = summary["milestone_rates"]  # the toy's milestones: |x| < 0.5, then success
+    assert list(rates) == ["near", "centre"] and rates["centre"] == summary["success_rate"]
+    assert rates["near"] == sum("near" in e["milestones"] for e in summary["episodes"]) / 3
     frames = imageio.mimread(out / "episode_0.mp4")
     length = summary["episodes"][0]["length"]
     assert len(frames) == length + 1 and frames[0].shape == (16, 16, 3)  # every step + the final verdict
