@@ -47,6 +47,9 @@ class EvalConfig:
     """`cpu`, `cuda`, `cuda:N`, or `auto` (a GPU if there is one)."""
     max_episode_steps: int | None = None
     """Override the env's time limit. None: the training run's."""
+    action_exec_horizon: int | None = None
+    """Play only the first K actions of each chunk, then sample a new chunk (receding horizon). None: all of
+    them (GR00T: 16), as training rollouts do."""
     num_videos: int = 2
     """Record the first episode of this many envs (camera tasks; 0: none)."""
     video_fps: int = 20
@@ -81,6 +84,8 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
 def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     if cfg.num_episodes < 1:
         raise ConfigError(f"--num-episodes must be >= 1, got {cfg.num_episodes}")
+    if cfg.action_exec_horizon is not None and cfg.action_exec_horizon < 1:
+        raise ConfigError(f"--action-exec-horizon must be >= 1, got {cfg.action_exec_horizon}")
     ckpt = find_checkpoint(cfg.checkpoint)
     state = json.loads((ckpt / "state.json").read_text())
     train_cfg = config_from_dict(CONFIGS[state["algo"]], state["config"])
@@ -119,6 +124,11 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     while any(f < q for f, q in zip(finished, quota)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             actions = policy.sample(params, obs, env.instruction, generator, deterministic=cfg.deterministic)["actions"]
+        if cfg.action_exec_horizon is not None:
+            if cfg.action_exec_horizon > actions.shape[1]:
+                raise ConfigError(f"--action-exec-horizon {cfg.action_exec_horizon} exceeds the policy's chunk of "
+                                  f"{actions.shape[1]} actions")
+            actions = actions[:, :cfg.action_exec_horizon]
         ended = torch.zeros(num_envs, dtype=torch.bool, device=device)  # an episode ended within this chunk
         for k in range(actions.shape[1]):
             for i, frames in recording.items():
@@ -134,7 +144,8 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
             done = (term | trunc).cpu()
             for i in done.nonzero().flatten().tolist():
                 if finished[i] < quota[i]:
-                    reached = [name for name, r in zip(env.milestones, info["milestones"][i].tolist()) if r]
+                    reached = [name for name, r in zip(env.milestones, info["milestones"][i].tolist()) if r] \
+                        if env.milestones else []
                     episodes.append({"env": i, "return": float(info["episode_return"][i]),
                                      "length": int(info["episode_length"][i]), "success": bool(success_seen[i]),
                                      "milestones": reached})
@@ -152,7 +163,8 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     returns = np.array([e["return"] for e in episodes])
     summary = {
         "checkpoint": str(ckpt), "iteration": state["iteration"], "task": env_cfg.task, "policy": train_cfg.policy,
-        "deterministic": cfg.deterministic, "seed": cfg.seed, "num_episodes": len(episodes),
+        "deterministic": cfg.deterministic, "seed": cfg.seed, "action_exec_horizon": cfg.action_exec_horizon,
+        "num_episodes": len(episodes),
         "success_rate": float(np.mean([e["success"] for e in episodes])),
         "return_mean": float(returns.mean()), "return_std": float(returns.std()),
         "episode_length_mean": float(np.mean([e["length"] for e in episodes])),

@@ -61,6 +61,10 @@ class SFTConfig(RunConfig):
     was saved with, an official checkpoint the default, frozen)."""
     tune_llm: bool = False
     """Also train the language model layers (without it: as --tune-visual)."""
+    random_crop: bool = False
+    """Augment the views as GR00T's training transforms do (VideoCrop in train mode): each view of each frame is
+    cropped at a uniformly random offset instead of the centre, with the same crop size (--crop-scale of the
+    model, 0.95) that eval's centre crop uses."""
     log_every: int = 10
     """Log metrics every this many steps."""
     save_every: int = 500
@@ -111,6 +115,22 @@ class Demonstrations:
         steps = (frames[:, None] + torch.arange(horizon)).minimum(self.episode_end[frames][:, None])
         return {"rgb": self.rgb[frames], "state": self.state[frames], "actions": self.action[steps],
                 "instruction": [self.instructions[t] for t in self.task[frames].tolist()]}
+
+
+def random_crop_shift(rgb: torch.Tensor, crop_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B, V, H, W, 3] -> the same, each view shifted so that the processor's centre crop
+    (models/gr00t_processor.pixel_values: int(crop_scale * size) pixels at offset round((size - crop) / 2)) cuts it
+    at a uniformly random offset: GR00T's train-mode random crop, done before the model's own eval-mode crop. The
+    rows and columns rolled in from the far edge all fall outside that crop."""
+    b, v, h, w, _ = rgb.shape
+    crop_h, crop_w = int(h * crop_scale), int(w * crop_scale)
+    draw = lambda n: torch.randint(0, n, (b, v), generator=generator, device=generator.device).cpu()  # noqa: E731
+    dy = draw(h - crop_h + 1) - round((h - crop_h) / 2)  # random crop origin - centre crop origin
+    dx = draw(w - crop_w + 1) - round((w - crop_w) / 2)
+    rows = (torch.arange(h) + dy[..., None]) % h  # [B, V, H]: output row y shows input row y + dy
+    cols = (torch.arange(w) + dx[..., None]) % w
+    frame, view = torch.arange(b)[:, None, None, None], torch.arange(v)[None, :, None, None]
+    return rgb[frame, view, rows.to(rgb.device)[..., :, None], cols.to(rgb.device)[..., None, :]]
 
 
 def metadata_from_demos(demos: Demonstrations, embodiment_tag: str = "new_embodiment") -> dict:
@@ -179,6 +199,8 @@ def train(cfg: SFTConfig) -> dict:
             group["lr"] = lr
         frames = torch.randint(0, len(demos), (cfg.batch_size,), generator=run.generator, device=run.device).cpu()
         batch = demos.batch(frames, horizon)
+        if cfg.random_crop:
+            batch["rgb"] = random_crop_shift(batch["rgb"], policy.cfg.crop_scale, run.generator)
         loss = policy.sft_loss(params, batch, generator=run.generator)
         grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
         frames_seen += cfg.batch_size * run.world_size

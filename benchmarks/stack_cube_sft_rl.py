@@ -68,6 +68,8 @@ class Args:
     """Successful expert episodes to record."""
     demo_num_envs: int = 64
     """Parallel envs while recording."""
+    demo_action_noise: float = 0.0
+    """DART noise while recording: the std of the noise on the executed arm actions (record_demos --action-noise)."""
     # sft
     sft_policy: str = "gr00t-small"
     """GR00T preset to fine-tune from random init (no pretrained weights are reachable here)."""
@@ -79,6 +81,8 @@ class Args:
     """SFT peak learning rate."""
     sft_tune_visual: bool = True
     """Also train the vision tower during SFT."""
+    sft_random_crop: bool = False
+    """Augment SFT's views with GR00T's train-mode random crop (train.py sft --random-crop)."""
     sft_run: Path | None = None
     """Start RL from this existing SFT run (and evaluate it as `sft`) instead of <out>/sft, e.g. to compare RL
     settings from one SFT model, one --out each. Not with the sft phase."""
@@ -125,6 +129,8 @@ class Args:
     """Parallel envs of each eval."""
     eval_seed: int = 12345
     """Seed of the eval resets (apart from the training seeds)."""
+    eval_action_exec_horizon: int | None = None
+    """Play only the first K actions of each chunk in eval (eval.py --action-exec-horizon). None: the whole chunk."""
 
 
 @dataclass
@@ -243,6 +249,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
     if phase == "demos":
         return [Job("demos", python("-m", "envs.record_demos", "--out", str(args.out / "demos"), "--overwrite",
                                     "--episodes", str(args.demo_episodes), "--seed", "0",
+                                    "--action-noise", str(args.demo_action_noise),
                                     *env_flags(args, args.demo_num_envs, time_limit=False)))]
     if phase == "sft":
         refuse_existing([args.out / "sft"])
@@ -251,6 +258,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
                                   "--run-dir", str(args.out / "sft"), "--save-every", str(args.sft_iterations),
                                   *(["--tune-visual"] if args.sft_tune_visual else []),
+                                  *(["--random-crop"] if args.sft_random_crop else []),
                                   "--device", args.device, *task_flags(args)))]
     if phase == "rl":
         refuse_existing([args.out / name for name in rl_runs(args)])
@@ -269,7 +277,9 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
         return [Job(f"eval_{name}", python("eval.py", "--checkpoint", str(run), "--num-episodes", str(args.eval_episodes),
                                            "--num-envs", str(args.eval_num_envs), "--seed", str(args.eval_seed),
                                            "--device", args.device, "--num-videos", "0",
-                                           "--output", str(args.out / "eval" / name)))
+                                           "--output", str(args.out / "eval" / name),
+                                           *([] if args.eval_action_exec_horizon is None else
+                                             ["--action-exec-horizon", str(args.eval_action_exec_horizon)])))
                 for name, run in todo.items()]
     return []
 

@@ -3,7 +3,9 @@
     python -m envs.record_demos --episodes 50 --num-envs 16 --out data/stack_cube_demos
 
 Every env runs the expert; an episode is kept only if it ends in success. Frames hold what the policy sees
-(table and wrist RGB, 8-d state) and the expert's 7-d IK-relative action.
+(table and wrist RGB, 8-d state) and the expert's 7-d IK-relative action. With `--action-noise`, the env executes
+noisy actions while the frames keep the expert's own (DART), so the demonstrations show recoveries from small
+deviations: states a policy's own errors lead to.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ class Args:
     """Give up after this many episodes (default: 3 x episodes)."""
     overwrite: bool = False
     """Replace an existing dataset at --out."""
+    action_noise: float = 0.0
+    """Std of Gaussian noise added to the six arm dims (IK-relative translation and rotation, not the gripper) of
+    the actions the env executes; the dataset records the expert's action without it (DART). 0: none."""
 
 
 def record(args: Args) -> Path:
+    if args.action_noise < 0:
+        raise ValueError(f"--action-noise must be >= 0, got {args.action_noise}")
     env = make_env(args.env)
     if env.num_views != 2:
         raise ValueError(f"record_demos needs the stack-cube camera task, got {env.task!r}")
@@ -47,6 +54,8 @@ def record(args: Args) -> Path:
     max_attempts = args.max_attempts or 3 * args.episodes
     buffers: list[dict[str, list]] = [{"image": [], "wrist_image": [], "state": [], "action": []} for _ in range(env.num_envs)]
     kept = attempts = 0
+    noise_generator = torch.Generator(device=env.device).manual_seed(args.seed)
+    arm = torch.arange(env.action_dim, device=env.device) < 6  # the gripper (dim 6) stays the expert's
     bar = tqdm(total=args.episodes, desc="demos", unit="ep")
     try:
         obs = env.reset(seed=args.seed)
@@ -61,7 +70,11 @@ def record(args: Args) -> Path:
                 buf["wrist_image"].append(rgb[i, 1])
                 buf["state"].append(state[i])
                 buf["action"].append(act[i])
-            obs, _, terminated, truncated, info = env.step(actions)
+            executed = actions
+            if args.action_noise > 0:
+                noise = torch.randn(actions.shape, generator=noise_generator, device=env.device)
+                executed = actions + args.action_noise * noise * arm
+            obs, _, terminated, truncated, info = env.step(executed)
             done = (terminated | truncated).nonzero().flatten().tolist()
             for i in done:
                 attempts += 1

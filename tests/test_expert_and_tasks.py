@@ -68,6 +68,23 @@ def test_lift_task_succeeds_when_the_expert_lifts_the_red_block(tmp_path):
     assert episode.state[-1, 2] - episode.state[:, 2].min() > LIFT_HEIGHT / 2
 
 
+def test_noisy_execution_records_the_experts_own_actions(tmp_path):
+    """DART: with --action-noise the env executes perturbed actions (another trajectory than without noise), and the
+    dataset holds the expert's own, whose translation never exceeds its 2 cm step (0.04 in action units)."""
+    episodes = {}
+    for noise in (0.0, 0.05):
+        args = record_demos.Args(out=tmp_path / f"noise{noise}", episodes=1, max_attempts=3, seed=0, action_noise=noise,
+                                 env=EnvConfig(task=LIFT_CUBE, num_envs=1, device="cpu", image_size=16))
+        episodes[noise] = LeRobotDataset(record_demos.record(args)).episode(0)
+    clean, noisy = episodes[0.0], episodes[0.05]
+    length = min(len(clean.state), len(noisy.state))
+    assert not np.allclose(clean.state[:length], noisy.state[:length], atol=1e-3)
+    assert np.linalg.norm(noisy.action[:, :3], axis=1).max() <= 0.04 + 1e-6
+    assert set(np.unique(noisy.action[:, 6])) <= {-1.0, 1.0}
+    with pytest.raises(ValueError, match="--action-noise must be >= 0"):
+        record_demos.record(record_demos.Args(out=tmp_path / "bad", action_noise=-0.1))
+
+
 def test_the_idle_action_holds_the_robot_still_after_a_reset():
     env = make_env(EnvConfig(task=LIFT_CUBE, num_envs=2, device="cpu", image_size=16))
     try:

@@ -1,5 +1,7 @@
 """SFT: data windows, the learning-rate schedule, learning on a small dataset, checkpoint + export round trip."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,25 @@ def _fixed_noise_loss(policy, params, demos) -> float:
         return sum(float(policy.sft_loss(params, batch, generator=torch.Generator().manual_seed(s))) for s in range(4)) / 4
 
 
+def test_random_crop_shift_makes_the_centre_crop_a_random_crop():
+    from models.gr00t_processor import pixel_values
+
+    rgb = torch.randint(0, 256, (64, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shifted = sft.random_crop_shift(rgb, 0.95, torch.Generator().manual_seed(1))
+    assert shifted.shape == rgb.shape and shifted.dtype == torch.uint8
+    # the same draws: crop origins in 0..2 (32 - int(0.95 * 32) = 2), rows first, then columns
+    g = torch.Generator().manual_seed(1)
+    top, left = torch.randint(0, 3, (64, 2), generator=g), torch.randint(0, 3, (64, 2), generator=g)
+    assert set(top.flatten().tolist()) == set(left.flatten().tolist()) == {0, 1, 2}
+    # what the model sees (its eval-mode centre crop of 30 px; no resize at image size 30) is the random crop
+    seen = pixel_values(shifted, 30, crop_scale=0.95).view(64, 2, 3, 30, 30)
+    for i in range(64):
+        for j in range(2):
+            y, x = int(top[i, j]), int(left[i, j])
+            crop = rgb[i:i + 1, j:j + 1, y:y + 30, x:x + 30]
+            assert torch.equal(seen[i, j], pixel_values(crop, 30, crop_scale=1.0)[0]), (i, j)
+
+
 def test_sft_learns_and_exports_a_loadable_model(tmp_path):
     from models.gr00t import Gr00tPolicy
 
@@ -87,6 +108,16 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
     for name, tensor in restored.items():
         if policy.is_trainable(name):
             torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
+
+
+def test_sft_with_random_crops_crops_every_batch(tmp_path, monkeypatch):
+    root = _write_dataset(tmp_path / "ds", episodes=1, length=8)
+    calls, crop = [], sft.random_crop_shift
+    monkeypatch.setattr(sft, "random_crop_shift",
+                        lambda rgb, scale, g: calls.append((rgb.shape, scale)) or crop(rgb, scale, g))
+    out = sft.train(sft.SFTConfig(dataset=str(root), num_iterations=2, batch_size=4, log_every=1, random_crop=True,
+                                  env=TaskConfig(image_size=32), device="cpu", seed=3, run_dir=str(tmp_path / "run")))
+    assert np.isfinite(out["sft/loss"]) and calls == [((4, 2, 32, 32, 3), 0.95)] * 2  # GR00T's crop scale
 
 
 def test_bad_dataset_is_a_clear_error(tmp_path):
@@ -123,7 +154,7 @@ class TwoCameraToyEnv(ToyEnv):
         return {"rgb": rgb.to(self.device), "state": state.to(self.device)}
 
 
-def test_eval_runs_an_sft_checkpoint_on_the_task_of_its_demonstrations(tmp_path):
+def test_eval_runs_an_sft_checkpoint_on_the_task_of_its_demonstrations(tmp_path, monkeypatch):
     """An SFT run steps no env; eval.py builds the one its --env flags name (task, image size, time limit), with
     the default number of envs, and evaluates the fine-tuned model there."""
     import eval as eval_script
@@ -144,3 +175,14 @@ def test_eval_runs_an_sft_checkpoint_on_the_task_of_its_demonstrations(tmp_path)
     assert (env_cfg.task, env_cfg.image_size, env_cfg.max_episode_steps, env_cfg.num_envs) == \
         ("two-camera task", 32, 5, 2)
     assert summary["num_episodes"] == 3 and all(e["length"] == 5 for e in summary["episodes"])
+    # receding horizon: 2 of each 16-action chunk; env 0 plays 2 episodes of 5 steps, so 10 steps take 5 chunks
+    from models.gr00t import Gr00tPolicy
+
+    samples, sample = [], Gr00tPolicy.sample
+    monkeypatch.setattr(Gr00tPolicy, "sample", lambda *a, **k: samples.append(1) or sample(*a, **k))
+    cfg = eval_script.EvalConfig(checkpoint=str(tmp_path / "run"), num_episodes=3, num_videos=0, device="cpu",
+                                 action_exec_horizon=2)
+    summary = eval_script.evaluate(cfg, make_env=TwoCameraToyEnv)
+    assert len(samples) == 5 and summary["action_exec_horizon"] == 2 and summary["num_episodes"] == 3
+    with pytest.raises(ConfigError, match="--action-exec-horizon 17 exceeds the policy's chunk of 16 actions"):
+        eval_script.evaluate(dataclasses.replace(cfg, action_exec_horizon=17), make_env=TwoCameraToyEnv)

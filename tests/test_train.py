@@ -122,10 +122,12 @@ def test_bad_flags_are_clear_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_eval_of_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [([], "no checkpoint at"),
+                                            (["--action-exec-horizon", "0"], "--action-exec-horizon must be >= 1")])
+def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        eval_script.main(["--checkpoint", str(tmp_path / "missing")])
-    assert exit_info.value.code == 2 and "no checkpoint at" in capsys.readouterr().err
+        eval_script.main(["--checkpoint", str(tmp_path / "missing"), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_resume_with_the_other_algorithm_is_a_clear_error(tmp_path, monkeypatch, capsys):
