@@ -121,44 +121,47 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     success_seen = torch.zeros(num_envs, dtype=torch.bool, device=device)
     step_in_episode = torch.zeros(num_envs, dtype=torch.long)
     obs = env.reset(seed=cfg.seed)
-    while any(f < q for f, q in zip(finished, quota)):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            actions = policy.sample(params, obs, env.instruction, generator, deterministic=cfg.deterministic)["actions"]
-        if cfg.action_exec_horizon is not None:
-            if cfg.action_exec_horizon > actions.shape[1]:
-                raise ConfigError(f"--action-exec-horizon {cfg.action_exec_horizon} exceeds the policy's chunk of "
-                                  f"{actions.shape[1]} actions")
-            actions = actions[:, :cfg.action_exec_horizon]
-        ended = torch.zeros(num_envs, dtype=torch.bool, device=device)  # an episode ended within this chunk
-        for k in range(actions.shape[1]):
-            for i, frames in recording.items():
-                last_frame[i] = obs["rgb"][i, 0].cpu().numpy()
-                frames.append(overlay(last_frame[i], bool(success_seen[i]), int(step_in_episode[i])))
-            action = actions[:, k].float()
-            if env.idle_action is not None:  # as in training rollouts: the chunk's rest was planned for the old one
-                action = torch.where(ended.unsqueeze(-1), env.idle_action, action)
-            obs, _, term, trunc, info = env.step(action.contiguous())
-            ended |= term | trunc
-            success_seen |= info["success"]
-            step_in_episode += 1
-            done = (term | trunc).cpu()
-            for i in done.nonzero().flatten().tolist():
-                if finished[i] < quota[i]:
-                    reached = [name for name, r in zip(env.milestones, info["milestones"][i].tolist()) if r] \
-                        if env.milestones else []
-                    episodes.append({"env": i, "return": float(info["episode_return"][i]),
-                                     "length": int(info["episode_length"][i]), "success": bool(success_seen[i]),
-                                     "milestones": reached})
-                    finished[i] += 1
-                if i in recording:
-                    frames = recording.pop(i)  # the env has reset: show the last frame with the final verdict
+    try:  # the env closes also when a chunk is refused (--action-exec-horizon) or the policy fails
+        while any(f < q for f, q in zip(finished, quota)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                actions = policy.sample(params, obs, env.instruction, generator,
+                                        deterministic=cfg.deterministic)["actions"]
+            if cfg.action_exec_horizon is not None:
+                if cfg.action_exec_horizon > actions.shape[1]:
+                    raise ConfigError(f"--action-exec-horizon {cfg.action_exec_horizon} exceeds the policy's chunk of "
+                                      f"{actions.shape[1]} actions")
+                actions = actions[:, :cfg.action_exec_horizon]
+            ended = torch.zeros(num_envs, dtype=torch.bool, device=device)  # an episode ended within this chunk
+            for k in range(actions.shape[1]):
+                for i, frames in recording.items():
+                    last_frame[i] = obs["rgb"][i, 0].cpu().numpy()
                     frames.append(overlay(last_frame[i], bool(success_seen[i]), int(step_in_episode[i])))
-                    path = out_dir / f"episode_{i}.mp4"
-                    write_video(path, frames, cfg.video_fps)
-                    videos.append(str(path))
-            success_seen[done.to(device)] = False
-            step_in_episode[done] = 0
-    env.close()
+                action = actions[:, k].float()
+                if env.idle_action is not None:  # as in training rollouts: the chunk's rest was planned for the
+                    action = torch.where(ended.unsqueeze(-1), env.idle_action, action)  # episode that ended
+                obs, _, term, trunc, info = env.step(action.contiguous())
+                ended |= term | trunc
+                success_seen |= info["success"]
+                step_in_episode += 1
+                done = (term | trunc).cpu()
+                for i in done.nonzero().flatten().tolist():
+                    if finished[i] < quota[i]:
+                        reached = [name for name, r in zip(env.milestones, info["milestones"][i].tolist()) if r] \
+                            if env.milestones else []
+                        episodes.append({"env": i, "return": float(info["episode_return"][i]),
+                                         "length": int(info["episode_length"][i]), "success": bool(success_seen[i]),
+                                         "milestones": reached})
+                        finished[i] += 1
+                    if i in recording:
+                        frames = recording.pop(i)  # the env has reset: show the last frame with the final verdict
+                        frames.append(overlay(last_frame[i], bool(success_seen[i]), int(step_in_episode[i])))
+                        path = out_dir / f"episode_{i}.mp4"
+                        write_video(path, frames, cfg.video_fps)
+                        videos.append(str(path))
+                success_seen[done.to(device)] = False
+                step_in_episode[done] = 0
+    finally:
+        env.close()
 
     returns = np.array([e["return"] for e in episodes])
     summary = {
@@ -169,7 +172,8 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
         "return_mean": float(returns.mean()), "return_std": float(returns.std()),
         "episode_length_mean": float(np.mean([e["length"] for e in episodes])),
         # the share of episodes that reached each of the task's milestones (stack-cube: reach_red ... place_green)
-        "milestone_rates": {name: float(np.mean([name in e["milestones"] for e in episodes])) for name in env.milestones},
+        "milestone_rates": {name: float(np.mean([name in e["milestones"] for e in episodes]))
+                            for name in env.milestones},
         "episodes": episodes, "videos": videos,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

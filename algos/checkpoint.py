@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from algos.config import ConfigError, config_dict
 from algos.run import Run, trainable_params
 from envs import Env
+from envs.workers import StagedEnv
 from models.policy import Params, Policy
 
 CHECKPOINT_PREFIX = "iter_"
@@ -203,6 +205,10 @@ def restore_carry(env: Env, carry: dict[str, torch.Tensor]) -> tuple[dict[str, t
                       "of ranks, or a learner of --num-seeds): the resumed run starts fresh episodes, so it does not "
                       "continue bit-exactly")
         return None
+    saved_stages = {k.split(".", 1)[0] for k in env_state if re.match(r"stage\d+\.", k)}
+    if saved_stages and not isinstance(env, StagedEnv):
+        raise KeyError(f"the checkpoint's env state was saved by {len(saved_stages)} pipeline stages and this env has "
+                       f"none: resume with --pipeline-stages {len(saved_stages)}")
     env.load_state_dict(env_state)
     obs = {k[4:]: v for k, v in carry.items() if k.startswith("obs.")}
     return obs, carry["success_seen"].bool()

@@ -78,8 +78,9 @@ class RLConfig(RunConfig):
     pipeline_stages: int = 1
     """S > 1: split each rank's envs into S stages, each an env in a worker process of its own, and pipeline the
     rollout: while the policy samples one stage's next action chunk, the other stages play theirs (envs/workers.py,
-    algos/rollout.py). 1: one env in the training process, policy and env taking turns. On one GPU, 2 stages
-    measured slower than 1 (the GPU time-slices between the processes' CUDA contexts;
+    algos/rollout.py). Each stage is an env of its own: a task with one instruction per sub-env (Lift-Red-Or-Blue)
+    splits them within each stage. 1: one env in the training process, policy and env taking turns. On one GPU,
+    2 stages measured slower than 1 (the GPU time-slices between the processes' CUDA contexts;
     benchmarks/results/loop_throughput/)."""
     compile: bool = False
     """GR00T's GPU fast path with regional torch.compile of its repeated transformer blocks (each block class

@@ -42,6 +42,9 @@ class Episodes:
         d = done.double().view(len(self.sums), -1)
         columns = [returns, lengths, success, done]
         if self.milestones:
+            if milestones is None:
+                raise KeyError(f"the env names milestones {self.milestones}, but its step info has no 'milestones' "
+                               "[N, M] (see envs/env.py)")
             columns += list(milestones.unbind(-1))
         self.sums += torch.stack([(c.double().view_as(d) * d).sum(1) for c in columns], dim=1)
 

@@ -40,7 +40,8 @@ class Args:
     """Replace an existing dataset at --out."""
     action_noise: float = 0.0
     """Std of Gaussian noise added to the six arm dims (IK-relative translation and rotation, not the gripper) of
-    the actions the env executes; the dataset records the expert's action without it (DART). 0: none."""
+    the actions the env executes, in action units (1 = 0.5 m or 0.5 rad per step; the expert moves at most 0.04,
+    2 cm, per step); the dataset records the expert's action without it (DART). 0: none."""
 
 
 def record(args: Args) -> Path:

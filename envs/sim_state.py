@@ -121,7 +121,8 @@ def check_compatible(ours: dict[str, torch.Tensor], saved: dict[str, torch.Tenso
     missing, extra = sorted(required(ours) - set(saved)), sorted(required(saved) - set(ours))
     if missing or extra:
         more = lambda keys: " ..." if len(keys) > 4 else ""  # noqa: E731
-        raise KeyError(f"the saved env state does not fit this env (another task or config?): "
+        raise KeyError(f"the saved env state does not fit this env (another task or config, or saved by another "
+                       f"version of leanvla?): "
                        f"missing {missing[:4]}{more(missing)}, unexpected {extra[:4]}{more(extra)}")
     for key, value in ours.items():
         if key in saved and saved[key].shape != value.shape:

@@ -212,8 +212,8 @@ class TensorPipe:
         for name, t in tensors.items():
             buffer = self.sent.get(name)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
-                if t.numel() == 0:  # an empty storage cannot be shared: send what it is
-                    buffer = fresh[name] = t.detach().cpu().clone()
+                if t.numel() == 0:  # an empty storage cannot be shared: send what it is, to rebuild there
+                    buffer, fresh[name] = t.detach(), (tuple(t.shape), t.dtype, str(t.device))
                 else:
                     buffer = torch.empty(t.shape, dtype=t.dtype, device=t.device)
                     if buffer.device.type == "cpu":
@@ -228,7 +228,8 @@ class TensorPipe:
 
     def recv(self) -> tuple[Any, Tensors]:
         message, names, fresh = self.conn.recv()
-        self.received.update(fresh)
+        self.received.update({name: torch.empty(b[0], dtype=b[1], device=b[2]) if isinstance(b, tuple) else b
+                              for name, b in fresh.items()})
         return message, {name: self.received[name].clone() for name in names}
 
 

@@ -13,7 +13,7 @@ from algos import grpo, ppo
 from algos.config import ConfigError
 from algos.rollout import collect_rollout
 from envs import EnvConfig, make_env
-from envs.workers import EnvWorkers, LocalStages, stage_seed
+from envs.workers import EnvWorkers, LocalStages, TensorPipe, stage_seed
 from models.mlp import MLPConfig, MLPPolicy
 from tests.algos_toy_env import ToyCameraEnv, ToyEnv, make_failing_env, without_timing
 
@@ -87,6 +87,10 @@ def test_pipelined_ppo_equals_the_same_stages_in_this_process_and_resumes_exactl
         ppo.train(ppo.PPOConfig(resume=str(tmp_path / "piped" / "checkpoints" / "iter_000001"),
                                 run_dir=str(tmp_path / "wrong"), **flags),
                   make_env=lambda cfg: LocalStages([ToyEnv(cfg)]))
+    with pytest.raises(KeyError, match="saved by 2 pipeline stages and this env has none: resume with "
+                                       "--pipeline-stages 2"):  # nor into a plain env
+        ppo.train(ppo.PPOConfig(resume=str(tmp_path / "piped" / "checkpoints" / "iter_000001"),
+                                run_dir=str(tmp_path / "plain"), **flags), make_env=ToyEnv)
 
 
 class FeedbackPolicy:
@@ -144,3 +148,18 @@ def test_pipeline_stage_flags_are_checked():
         ppo.check_config(ppo.PPOConfig(policy="mlp", env=env, pipeline_stages=2, num_seeds=2))
     with pytest.raises(ConfigError, match="3 envs per stage, not divisible by --group-size 2"):
         grpo.check_config(grpo.GRPOConfig(policy="mlp", env=env, pipeline_stages=2, group_size=2))
+
+
+def test_tensor_pipe_round_trips_tensors_and_empty_ones():
+    import multiprocessing
+
+    a, b = multiprocessing.Pipe()
+    sender, receiver = TensorPipe(a), TensorPipe(b)
+    first = {"x": torch.arange(6.0).view(2, 3), "none": torch.zeros(4, 0, dtype=torch.bool)}
+    sender.send("hello", first)
+    message, got = receiver.recv()
+    sender.send("again", {"x": torch.ones(2, 3), "none": first["none"]})  # reuses the shared buffers
+    _, again = receiver.recv()
+    assert message == "hello" and torch.equal(got["x"], first["x"])  # the first message's copy is still its own
+    assert torch.equal(again["x"], torch.ones(2, 3))
+    assert got["none"].shape == (4, 0) and got["none"].dtype == torch.bool and again["none"].shape == (4, 0)

@@ -184,5 +184,8 @@ def test_eval_runs_an_sft_checkpoint_on_the_task_of_its_demonstrations(tmp_path,
                                  action_exec_horizon=2)
     summary = eval_script.evaluate(cfg, make_env=TwoCameraToyEnv)
     assert len(samples) == 5 and summary["action_exec_horizon"] == 2 and summary["num_episodes"] == 3
+    closed = []
+    monkeypatch.setattr(TwoCameraToyEnv, "close", lambda self: closed.append(True))
     with pytest.raises(ConfigError, match="--action-exec-horizon 17 exceeds the policy's chunk of 16 actions"):
         eval_script.evaluate(dataclasses.replace(cfg, action_exec_horizon=17), make_env=TwoCameraToyEnv)
+    assert closed == [True]  # the env is closed on the way out
