@@ -15,13 +15,17 @@ end the whole model is also exported in GR00T's official layout to `<run>/gr00t`
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from algos import checkpoint
 from algos.config import ConfigError, RunConfig, check_positive, check_run_config
@@ -88,20 +92,38 @@ class Demonstrations:
     instructions: tuple[str, ...]
 
     @classmethod
-    def load(cls, root: str | Path) -> Demonstrations:
+    def load(cls, root: str | Path, workers: int | None = None, progress: bool = False) -> Demonstrations:
+        """Decode every episode (in `workers` threads; None: one per CPU core) straight into one preallocated
+        uint8 tensor, so that the peak memory is the frames' own size (thousands of episodes at 224 px are tens
+        of GB). `progress`: a progress bar over the episodes."""
         dataset = LeRobotDataset(root)
         if len(dataset) == 0:
             raise ConfigError(f"--dataset {root} has no episodes")
         instructions = tuple(dataset.tasks.values())
-        rgb, state, action, end, task = [], [], [], [], []
-        for i in range(len(dataset)):
-            ep = dataset.episode(i)
-            rgb.append(np.stack([ep.images[k] for k in dataset.modality["video"]], axis=1))
-            state.append(ep.state)
-            action.append(ep.action)
-            end.append(np.full(len(ep.state), sum(map(len, state)) - 1))
-            task.append(np.full(len(ep.state), instructions.index(ep.task)))
-        return cls(*(torch.from_numpy(np.concatenate(x)) for x in (rgb, state, action, end, task)), instructions)
+        lengths = [int(ep["length"]) for ep in dataset.episodes]
+        starts = np.cumsum([0, *lengths])
+        first = dataset.episode(0)
+        views = [first.images[k] for k in dataset.modality["video"]]
+        rgb = torch.empty((starts[-1], len(views), *views[0].shape[1:]), dtype=torch.uint8)
+        state = torch.empty((starts[-1], first.state.shape[1]), dtype=torch.float32)
+        action = torch.empty((starts[-1], first.action.shape[1]), dtype=torch.float32)
+        end, task = torch.empty(starts[-1], dtype=torch.long), torch.empty(starts[-1], dtype=torch.long)
+        pool = ThreadPoolExecutor(workers or os.cpu_count())  # ffmpeg decodes outside the GIL
+        try:
+            episodes = itertools.chain([first], pool.map(dataset.episode, range(1, len(dataset))))
+            for i, ep in enumerate(tqdm(episodes, total=len(dataset), desc="loading demos", unit="ep",
+                                        disable=not progress)):
+                rows = slice(starts[i], starts[i + 1])
+                if len(ep.state) != lengths[i]:
+                    raise ValueError(f"--dataset {root}: episode {i} has {len(ep.state)} frames, its entry in "
+                                     f"meta/episodes.jsonl says {lengths[i]}")
+                for v, key in enumerate(dataset.modality["video"]):
+                    rgb[rows, v] = torch.from_numpy(ep.images[key])
+                state[rows], action[rows] = torch.from_numpy(ep.state), torch.from_numpy(ep.action)
+                end[rows], task[rows] = starts[i + 1] - 1, instructions.index(ep.task)
+        finally:  # on an error, the episodes not yet decoding are dropped
+            pool.shutdown(cancel_futures=True)
+        return cls(rgb, state, action, end, task, instructions)
 
     def __len__(self) -> int:
         return len(self.state)
@@ -173,7 +195,7 @@ def check_config(cfg: SFTConfig) -> None:
 def train(cfg: SFTConfig) -> dict:
     check_config(cfg)
     run = start_run(cfg, "sft", cfg.device)
-    demos = Demonstrations.load(cfg.dataset)
+    demos = Demonstrations.load(cfg.dataset, progress=run.is_main)
     height, width = demos.rgb.shape[2:4]
     if (height, width) != (cfg.env.image_size, cfg.env.image_size):  # eval.py and RL build the env from cfg.env
         raise ConfigError(f"--dataset {cfg.dataset} has {width}x{height} views but --env.image-size is "

@@ -37,6 +37,33 @@ def test_windows_repeat_the_last_action_past_the_episode_end(tmp_path):
     torch.testing.assert_close(batch["state"], demos.state[torch.tensor([3, 5])])
 
 
+def test_demonstrations_load_every_episode_in_place_with_any_number_of_threads(tmp_path):
+    import json
+
+    from envs.lerobot import LeRobotDataset
+
+    rng = np.random.default_rng(1)
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=16)
+    for length in (3, 7, 5, 4):  # unequal episodes: each lands at its own offset
+        images = {k: rng.integers(0, 255, (length, 16, 16, 3)).astype(np.uint8) for k in ("image", "wrist_image")}
+        writer.add_episode(images, rng.uniform(-1, 1, (length, 8)).astype(np.float32),
+                           rng.uniform(-1, 1, (length, 7)).astype(np.float32), "stack the blocks")
+    root = writer.close()
+    one, three = sft.Demonstrations.load(root, workers=1), sft.Demonstrations.load(root, workers=3)
+    for name in ("rgb", "state", "action", "episode_end", "task"):
+        assert torch.equal(getattr(one, name), getattr(three, name)), name
+    episode = LeRobotDataset(root).episode(2)  # frames 10-14
+    assert torch.equal(one.rgb[10:15, 1], torch.from_numpy(episode.images["wrist_image"]))
+    assert torch.equal(one.action[10:15], torch.from_numpy(episode.action))
+    assert one.episode_end.tolist() == [2] * 3 + [9] * 7 + [14] * 5 + [18] * 4
+    # an index that disagrees with the episode's files is an error, not a silent misalignment
+    lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "length": 6})
+    (root / "meta" / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="episode 1 has 7 frames, its entry in meta/episodes.jsonl says 6"):
+        sft.Demonstrations.load(root)
+
+
 def test_a_dataset_of_several_tasks_gives_each_frame_its_own_instruction(tmp_path):
     root = _write_dataset(tmp_path / "ds", episodes=3, length=4, tasks=("lift the red block", "stack the blocks"))
     demos = sft.Demonstrations.load(root)
