@@ -18,7 +18,10 @@ state's orientation is an axis-angle vector (three numbers), stored under roll/p
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +53,11 @@ def _stats(x: np.ndarray) -> dict[str, list[float]]:
 
 class LeRobotWriter:
     """Append whole episodes; `close()` writes the meta files. Writes into `<root>.tmp` and renames at close,
-    so an interrupted recording never leaves a dataset that looks complete."""
+    so an interrupted recording never leaves a dataset that looks complete. Videos are encoded in `workers`
+    background threads (ffmpeg runs outside the GIL), so the simulation goes on while they encode."""
 
-    def __init__(self, root: str | Path, fps: int, image_size: int, robot_type: str = "franka", overwrite: bool = False):
+    def __init__(self, root: str | Path, fps: int, image_size: int, robot_type: str = "franka", overwrite: bool = False,
+                 workers: int | None = None):
         self.root = Path(root)
         if self.root.exists():
             if not overwrite:
@@ -66,10 +71,15 @@ class LeRobotWriter:
         self.total_frames = 0
         self._states: list[np.ndarray] = []
         self._actions: list[np.ndarray] = []
+        workers = workers or os.cpu_count() or 1
+        self._encoders = ThreadPoolExecutor(workers)
+        self._encoding: deque[Future] = deque()
+        self._max_encoding = 4 * workers  # videos waiting or being encoded at most (bounds the frames held)
 
     def add_episode(self, images: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, task: str,
                     reward: np.ndarray | None = None) -> None:
-        """images: {"image", "wrist_image"} → uint8 [T, H, W, 3]; state [T, 8]; action [T, 7]."""
+        """images: {"image", "wrist_image"} → uint8 [T, H, W, 3]; state [T, 8]; action [T, 7]. The images are
+        encoded in the background: do not modify them after the call."""
         import imageio.v2 as imageio
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -111,14 +121,22 @@ class LeRobotWriter:
             video = self.tmp / VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=index)
             video.parent.mkdir(parents=True, exist_ok=True)
             # yuv444 keeps colours exact enough for training; libx264 at high quality
-            imageio.mimwrite(video, images[short], fps=self.fps, codec="libx264", quality=9, macro_block_size=1,
-                             pixelformat="yuv444p")
+            self._encoding.append(self._encoders.submit(
+                imageio.mimwrite, video, images[short], fps=self.fps, codec="libx264", quality=9, macro_block_size=1,
+                pixelformat="yuv444p"))
+        while len(self._encoding) > self._max_encoding:
+            self._encoding.popleft().result()
         self.episodes.append({"episode_index": index, "tasks": [task], "length": length})
         self.total_frames += length
         self._states.append(state)
         self._actions.append(action)
 
     def close(self) -> Path:
+        try:  # every video written (an encoding error is raised here)
+            while self._encoding:
+                self._encoding.popleft().result()
+        finally:
+            self._encoders.shutdown(cancel_futures=True)
         if not self.episodes:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise ValueError("no episodes were added")

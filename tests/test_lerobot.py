@@ -15,17 +15,18 @@ def _episode(rng, length, size=32):
     return images, rng.normal(size=(length, 8)).astype(np.float32), rng.normal(size=(length, 7)).astype(np.float32)
 
 
-def test_round_trip(tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_round_trip(tmp_path, workers):
     rng = np.random.default_rng(0)
-    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32)
-    episodes = [_episode(rng, 5), _episode(rng, 7)]
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32, workers=workers)
+    episodes = [_episode(rng, 5), _episode(rng, 7), _episode(rng, 3), _episode(rng, 6), _episode(rng, 4)]
     for images, state, action in episodes:
         writer.add_episode(images, state, action, "stack the blocks")
     root = writer.close()
     assert not (tmp_path / "ds.tmp").exists()
 
     dataset = LeRobotDataset(root)
-    assert len(dataset) == 2 and dataset.info["total_frames"] == 12 and dataset.info["total_tasks"] == 1
+    assert len(dataset) == 5 and dataset.info["total_frames"] == 25 and dataset.info["total_tasks"] == 1
     for i, (images, state, action) in enumerate(episodes):
         ep = dataset.episode(i)
         np.testing.assert_array_equal(ep.state, state)
@@ -55,3 +56,17 @@ def test_bad_input(tmp_path):
         LeRobotWriter(tmp_path / "exists", fps=20, image_size=32)
     with pytest.raises(FileNotFoundError, match="not a LeRobot dataset"):
         LeRobotDataset(tmp_path / "exists")
+
+
+def test_a_failed_video_encoding_is_raised_and_publishes_nothing(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+
+    def fail(path, *args, **kwargs):
+        raise OSError(f"disk full while writing {path}")
+
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32, workers=2)
+    monkeypatch.setattr(imageio, "mimwrite", fail)
+    writer.add_episode(*_episode(np.random.default_rng(2), 4), "t")  # encoded in the background
+    with pytest.raises(OSError, match="disk full while writing .*episode_000000.mp4"):
+        writer.close()
+    assert not (tmp_path / "ds").exists()
