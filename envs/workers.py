@@ -18,6 +18,7 @@ training loop resets, checkpoints and closes them as any env. On top of that a s
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing.connection
 import signal
 import traceback
 from collections.abc import Callable
@@ -283,15 +284,21 @@ class EnvWorkers(StagedEnv):
             self.processes.append(process)
             self.pipes.append(TensorPipe(here))
         self._pending: list[str | None] = [None] * stages
-        spaces, idle = [], None
-        try:
-            for s in range(stages):
-                spaces.append(self._reply(s, "start"))
-                idle = self._last_tensors.get("idle_action", idle)
+        ready: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}  # stage -> its spaces and idle action
+        try:  # in the order the stages report, so that one that fails stops the rest at once
+            while len(ready) < stages:
+                waiting = {self.pipes[s].conn: s for s in range(stages) if s not in ready}
+                for conn in multiprocessing.connection.wait(list(waiting)):
+                    spaces = self._reply(waiting[conn], "start")
+                    ready[waiting[conn]] = spaces, self._last_tensors.get("idle_action")
         except BaseException:
+            for s, process in enumerate(self.processes):
+                if s not in ready:  # still building its env (minutes for Isaac Lab): no need to wait for it
+                    process.kill()
+                    process.join()
             self.close()
             raise
-        super().__init__(spaces, idle)
+        super().__init__([ready[s][0] for s in range(stages)], ready[0][1])
 
     def _reply(self, stage: int, doing: str) -> Any:
         try:

@@ -154,6 +154,23 @@ class StackedToyEnv:
         pass
 
 
+def make_env_failing_in_one_stage(cfg):
+    """For the worker-process error path with stages still starting: the first stage to get here fails at once;
+    the others build for a minute and then leave a file `built` in $LEANVLA_TEST_DIR."""
+    import os
+    import time
+    from pathlib import Path
+
+    folder = Path(os.environ["LEANVLA_TEST_DIR"])
+    try:
+        os.close(os.open(folder / "failed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        time.sleep(60)
+        (folder / "built").touch()
+        return ToyEnv(cfg)
+    raise ValueError("this stage cannot build its env")
+
+
 def make_failing_env(cfg):
     """An env factory that fails, as a misconfigured task would (for the worker-process error path)."""
     raise ValueError(f"no env for task {cfg.task!r}")

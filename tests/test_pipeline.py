@@ -15,7 +15,7 @@ from algos.rollout import collect_rollout
 from envs import EnvConfig, make_env
 from envs.workers import EnvWorkers, LocalStages, TensorPipe, stage_seed
 from models.mlp import MLPConfig, MLPPolicy
-from tests.algos_toy_env import ToyCameraEnv, ToyEnv, make_failing_env, without_timing
+from tests.algos_toy_env import ToyCameraEnv, ToyEnv, make_env_failing_in_one_stage, make_failing_env, without_timing
 
 
 def _run(seed: int = 0) -> types.SimpleNamespace:
@@ -126,7 +126,7 @@ def test_pipelined_cartpole_equals_each_stage_alone():
 
 
 def test_worker_errors_name_the_stage():
-    with pytest.raises(RuntimeError, match=r"(?s)pipeline stage 0 failed to start.*no env for task 'toy'"):
+    with pytest.raises(RuntimeError, match=r"(?s)pipeline stage [01] failed to start.*no env for task 'toy'"):
         EnvWorkers(make_failing_env, EnvConfig(task="toy", num_envs=2, device="cpu"), stages=2)
     with EnvWorkers(ToyEnv, EnvConfig(task="toy", num_envs=4, device="cpu"), stages=2) as workers:
         with pytest.raises(ValueError, match=r"reset_keys must have shape \(4,\)"):
@@ -136,6 +136,14 @@ def test_worker_errors_name_the_stage():
             workers.step(torch.zeros(4))  # no action dim: the stage's env.step raises
         obs, *_ = workers.step(torch.zeros(4, 1))  # the workers still serve after an error
         assert obs["state"].shape == (4, 2)
+
+
+def test_a_stage_that_fails_to_start_stops_the_stages_still_starting(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANVLA_TEST_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"(?s)failed to start.*this stage cannot build its env"):
+        EnvWorkers(make_env_failing_in_one_stage, EnvConfig(task="toy", num_envs=3, device="cpu"), stages=3)
+    # the two other stages were stopped while building, not waited for (they would have built after a minute)
+    assert (tmp_path / "failed").exists() and not (tmp_path / "built").exists()
 
 
 def test_pipeline_stage_flags_are_checked():
