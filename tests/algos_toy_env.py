@@ -154,6 +154,17 @@ class StackedToyEnv:
         pass
 
 
+def echo_doubled(conn) -> None:
+    """A process at the other end of a TensorPipe: sends back each message's tensors doubled (empty ones as they
+    are) until it receives None."""
+    from envs.workers import TensorPipe
+
+    pipe = TensorPipe(conn)
+    while (received := pipe.recv())[0] is not None:
+        message, tensors = received
+        pipe.send(message, {k: v * 2 if v.numel() else v for k, v in tensors.items()})
+
+
 def make_env_failing_in_one_stage(cfg):
     """For the worker-process error path with stages still starting: the first stage to get here fails at once;
     the others build for a minute and then leave a file `built` in $LEANVLA_TEST_DIR."""

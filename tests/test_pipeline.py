@@ -15,7 +15,8 @@ from algos.rollout import collect_rollout
 from envs import EnvConfig, make_env
 from envs.workers import EnvWorkers, LocalStages, TensorPipe, stage_seed
 from models.mlp import MLPConfig, MLPPolicy
-from tests.algos_toy_env import ToyCameraEnv, ToyEnv, make_env_failing_in_one_stage, make_failing_env, without_timing
+from tests.algos_toy_env import (ToyCameraEnv, ToyEnv, echo_doubled, make_env_failing_in_one_stage, make_failing_env,
+                                 without_timing)
 
 
 def _run(seed: int = 0) -> types.SimpleNamespace:
@@ -158,16 +159,27 @@ def test_pipeline_stage_flags_are_checked():
         grpo.check_config(grpo.GRPOConfig(policy="mlp", env=env, pipeline_stages=2, group_size=2))
 
 
-def test_tensor_pipe_round_trips_tensors_and_empty_ones():
-    import multiprocessing
-
-    a, b = multiprocessing.Pipe()
-    sender, receiver = TensorPipe(a), TensorPipe(b)
-    first = {"x": torch.arange(6.0).view(2, 3), "none": torch.zeros(4, 0, dtype=torch.bool)}
-    sender.send("hello", first)
-    message, got = receiver.recv()
-    sender.send("again", {"x": torch.ones(2, 3), "none": first["none"]})  # reuses the shared buffers
-    _, again = receiver.recv()
-    assert message == "hello" and torch.equal(got["x"], first["x"])  # the first message's copy is still its own
-    assert torch.equal(again["x"], torch.ones(2, 3))
-    assert got["none"].shape == (4, 0) and got["none"].dtype == torch.bool and again["none"].shape == (4, 0)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_tensor_pipe_between_processes(device):
+    """Shared memory (CPU) or CUDA IPC (GPU) between two processes; empty tensors arrive on their device."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=echo_doubled, args=(there,), daemon=True)
+    child.start()
+    pipe = TensorPipe(here)
+    try:
+        x, empty = torch.arange(6.0, device=device).view(2, 3), torch.zeros(4, 0, dtype=torch.bool, device=device)
+        received = []
+        for k in range(3):  # the buffers are made once and reused
+            pipe.send(f"round {k}", {"x": x + k, "empty": empty})
+            message, back = pipe.recv()
+            assert message == f"round {k}" and torch.equal(back["x"], 2 * (x + k))
+            assert back["x"].device == x.device and back["empty"].device == empty.device
+            assert back["empty"].shape == (4, 0) and back["empty"].dtype == torch.bool
+            received.append(back["x"])
+        assert torch.equal(received[0], 2 * x)  # what a message delivered stays valid after the next ones
+    finally:
+        pipe.send(None)
+        child.join(timeout=30)
+    assert child.exitcode == 0
