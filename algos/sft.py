@@ -69,6 +69,9 @@ class SFTConfig(RunConfig):
     """Augment the views as GR00T's training transforms do (VideoCrop in train mode): each view of each frame is
     cropped at a uniformly random offset instead of the centre, with the same crop size (--crop-scale of the
     model, 0.95) that eval's centre crop uses."""
+    color_jitter: bool = False
+    """Augment the views with GR00T's training VideoColorJitter (brightness 0.3, contrast 0.4, saturation 0.5,
+    hue 0.08), drawn anew for each view of each frame."""
     log_every: int = 10
     """Log metrics every this many steps."""
     save_every: int = 500
@@ -155,6 +158,21 @@ def random_crop_shift(rgb: torch.Tensor, crop_scale: float, generator: torch.Gen
     return rgb[frame, view, rows.to(rgb.device)[..., :, None], cols.to(rgb.device)[..., None, :]]
 
 
+GR00T_COLOR_JITTER = {"brightness": 0.3, "contrast": 0.4, "saturation": 0.5, "hue": 0.08}
+"""GR00T's VideoColorJitter in its training data configs."""
+
+
+def color_jitter(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, V, H, W, 3] -> the same, each view of each frame through torchvision's ColorJitter with GR00T's
+    ranges (its factors and their order drawn from torch's global RNG, which checkpoints save)."""
+    from torchvision.transforms import v2
+
+    jitter = v2.ColorJitter(**GR00T_COLOR_JITTER)
+    b, v, h, w, _ = rgb.shape
+    images = rgb.permute(0, 1, 4, 2, 3).reshape(b * v, 3, h, w)
+    return torch.stack([jitter(image) for image in images]).view(b, v, 3, h, w).permute(0, 1, 3, 4, 2).contiguous()
+
+
 def metadata_from_demos(demos: Demonstrations, embodiment_tag: str = "new_embodiment") -> dict:
     """GR00T normalisation metadata from the demonstrations' statistics, in the env-vector layout of
     `algos.run.env_metadata`."""
@@ -223,6 +241,8 @@ def train(cfg: SFTConfig) -> dict:
         batch = demos.batch(frames, horizon)
         if cfg.random_crop:
             batch["rgb"] = random_crop_shift(batch["rgb"], policy.cfg.crop_scale, run.generator)
+        if cfg.color_jitter:
+            batch["rgb"] = color_jitter(batch["rgb"])
         loss = policy.sft_loss(params, batch, generator=run.generator)
         grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
         frames_seen += cfg.batch_size * run.world_size

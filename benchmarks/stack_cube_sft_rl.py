@@ -83,6 +83,8 @@ class Args:
     """Also train the vision tower during SFT."""
     sft_random_crop: bool = False
     """Augment SFT's views with GR00T's train-mode random crop (train.py sft --random-crop)."""
+    sft_color_jitter: bool = False
+    """Augment SFT's views with GR00T's training colour jitter (train.py sft --color-jitter)."""
     sft_run: Path | None = None
     """Start RL from this existing SFT run (and evaluate it as `sft`) instead of <out>/sft, e.g. to compare RL
     settings from one SFT model, one --out each. Not with the sft phase."""
@@ -259,6 +261,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   "--run-dir", str(args.out / "sft"), "--save-every", str(args.sft_iterations),
                                   *(["--tune-visual"] if args.sft_tune_visual else []),
                                   *(["--random-crop"] if args.sft_random_crop else []),
+                                  *(["--color-jitter"] if args.sft_color_jitter else []),
                                   "--device", args.device, *task_flags(args)))]
     if phase == "rl":
         refuse_existing([args.out / name for name in rl_runs(args)])

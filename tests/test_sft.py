@@ -137,14 +137,32 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
             torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
 
 
-def test_sft_with_random_crops_crops_every_batch(tmp_path, monkeypatch):
+def test_color_jitter_in_gr00t_ranges():
+    torch.manual_seed(0)
+    gray = torch.full((50, 2, 8, 8, 3), 100, dtype=torch.uint8)
+    out = sft.color_jitter(gray)
+    assert out.shape == gray.shape and out.dtype == torch.uint8
+    # on a gray image contrast, saturation and hue change nothing: each view is 100 x its brightness factor
+    # (in [0.7, 1.3], then truncated to an integer), the same for every pixel and channel, and drawn anew for each
+    # view of each frame
+    per_view = out.flatten(2).float()
+    assert torch.equal(per_view.amin(-1), per_view.amax(-1))
+    assert per_view.min() >= 69 and per_view.max() <= 130 and len(per_view[:, :, 0].unique()) > 20
+    torch.manual_seed(0)
+    assert torch.equal(sft.color_jitter(gray), out)  # torch's global RNG decides (checkpoints save it)
+
+
+def test_sft_with_augmentations_augments_every_batch(tmp_path, monkeypatch):
     root = _write_dataset(tmp_path / "ds", episodes=1, length=8)
-    calls, crop = [], sft.random_crop_shift
+    calls, crop, jitter = [], sft.random_crop_shift, sft.color_jitter
     monkeypatch.setattr(sft, "random_crop_shift",
-                        lambda rgb, scale, g: calls.append((rgb.shape, scale)) or crop(rgb, scale, g))
+                        lambda rgb, scale, g: calls.append(("crop", rgb.shape, scale)) or crop(rgb, scale, g))
+    monkeypatch.setattr(sft, "color_jitter", lambda rgb: calls.append(("jitter", rgb.shape)) or jitter(rgb))
     out = sft.train(sft.SFTConfig(dataset=str(root), num_iterations=2, batch_size=4, log_every=1, random_crop=True,
-                                  env=TaskConfig(image_size=32), device="cpu", seed=3, run_dir=str(tmp_path / "run")))
-    assert np.isfinite(out["sft/loss"]) and calls == [((4, 2, 32, 32, 3), 0.95)] * 2  # GR00T's crop scale
+                                  color_jitter=True, env=TaskConfig(image_size=32), device="cpu", seed=3,
+                                  run_dir=str(tmp_path / "run")))
+    shape = (4, 2, 32, 32, 3)
+    assert np.isfinite(out["sft/loss"]) and calls == [("crop", shape, 0.95), ("jitter", shape)] * 2
 
 
 def test_bad_dataset_is_a_clear_error(tmp_path):
