@@ -7,6 +7,8 @@
         "--ppo-flags=--value-warmup-iterations 2 --no-bootstrap-time-limits --update-epochs 4"  # one SFT, other RL
     python benchmarks/stack_cube_sft_rl.py --out runs/ppo_alone --sft-run runs/sft_rl_lift/sft --phases rl eval report \
         --rl-algos ppo                                                                  # PPO alone on the GPU
+    python benchmarks/stack_cube_sft_rl.py --out runs/crop --demos runs/sft_rl_lift/demos --phases sft eval report \
+        --sft-random-crop                                                # an SFT setting on the same demonstrations
 
 Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `demos` rewrites the dataset,
 `sft` and `rl` refuse to start over an existing run):
@@ -70,6 +72,9 @@ class Args:
     """Parallel envs while recording."""
     demo_action_noise: float = 0.0
     """DART noise while recording: the std of the noise on the executed arm actions (record_demos --action-noise)."""
+    demos: Path | None = None
+    """Fine-tune on this existing dataset instead of <out>/demos, e.g. to compare SFT settings on one set of
+    demonstrations, one --out each. Not with the demos phase."""
     # sft
     sft_policy: str = "gr00t-small"
     """GR00T preset to fine-tune from random init (no pretrained weights are reachable here)."""
@@ -209,6 +214,10 @@ def env_flags(args: Args, num_envs: int, time_limit: bool = True) -> list[str]:
     return [*task_flags(args, time_limit), "--env.device", args.device, "--env.num-envs", str(num_envs)]
 
 
+def demos_dir(args: Args) -> Path:
+    return args.demos if args.demos is not None else args.out / "demos"
+
+
 def sft_dir(args: Args) -> Path:
     """The SFT run that RL starts from."""
     return args.sft_run if args.sft_run is not None else args.out / "sft"
@@ -255,7 +264,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                     *env_flags(args, args.demo_num_envs, time_limit=False)))]
     if phase == "sft":
         refuse_existing([args.out / "sft"])
-        return [Job("sft", python("train.py", "sft", "--dataset", str(args.out / "demos"), "--policy", args.sft_policy,
+        return [Job("sft", python("train.py", "sft", "--dataset", str(demos_dir(args)), "--policy", args.sft_policy,
                                   "--num-iterations", str(args.sft_iterations), "--batch-size", str(args.sft_batch_size),
                                   "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
                                   "--run-dir", str(args.out / "sft"), "--save-every", str(args.sft_iterations),
@@ -305,7 +314,7 @@ def report(args: Args) -> dict:
              for name in models(args) if (args.out / "eval" / name / "summary.json").is_file()}
     curves = {name: read_jsonl(args.out / name / "metrics.jsonl") for name in rl_runs(args)}
     sft_config = sft_dir(args) / "config.json"  # the SFT run names its dataset
-    demos = Path(json.loads(sft_config.read_text())["dataset"]) if sft_config.is_file() else args.out / "demos"
+    demos = Path(json.loads(sft_config.read_text())["dataset"]) if sft_config.is_file() else demos_dir(args)
     info = demos / "meta" / "info.json"
     demos_info = json.loads(info.read_text()) if info.is_file() else {}
     rows = []
@@ -400,6 +409,9 @@ def plot(args: Args, curves: dict[str, list[dict]], rows: list[dict]) -> None:
 
 
 def main(args: Args) -> None:
+    if args.demos is not None and "demos" in args.phases:
+        raise SystemExit(f"error: --demos {args.demos} reuses a dataset; leave out the demos phase "
+                         "(e.g. --phases sft eval report)")
     if args.sft_run is not None and "sft" in args.phases:
         raise SystemExit(f"error: --sft-run {args.sft_run} reuses an SFT run; leave out the sft phase "
                          "(e.g. --phases rl eval report)")

@@ -127,6 +127,16 @@ def test_stack_cube_pipeline_starts_rl_from_another_sft_run(tmp_path):
         stack_cube_sft_rl.main(args)
 
 
+def test_stack_cube_pipeline_fine_tunes_on_another_runs_demos(tmp_path):
+    demos = tmp_path / "first" / "demos"
+    args = stack_cube_sft_rl.Args(out=tmp_path / "second", demos=demos, phases=["sft", "eval", "report"])
+    (sft_job,) = stack_cube_sft_rl.phase_jobs("sft", args)
+    assert train_script.parse(sft_job.cmd[2:]).dataset == str(demos)
+    args.phases = ["demos", "sft"]
+    with pytest.raises(SystemExit, match="--demos .* reuses a dataset; leave out the demos phase"):
+        stack_cube_sft_rl.main(args)
+
+
 def test_stack_cube_pipeline_runs_only_the_named_rl_algorithms(tmp_path):
     ppo_only = stack_cube_sft_rl.Args(out=tmp_path, rl_algos=["ppo"], ppo_learning_rates=[1e-6, 2e-6])
     assert [job.name for job in stack_cube_sft_rl.phase_jobs("rl", ppo_only)] == ["ppo_lr1e-06", "ppo_lr2e-06"]
