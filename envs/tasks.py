@@ -179,14 +179,18 @@ def finger_gap(env) -> torch.Tensor:
     return env.scene["robot"].data.joint_pos.torch[:, franka_indices(env).fingers].sum(-1)
 
 
+def above_rest(block_pos: torch.Tensor, height: float) -> torch.Tensor:
+    """[...] bool: the block centres [..., 3] (env frame) are more than `height` above a block's resting height."""
+    return block_pos[..., 2] > CUBE_POSE_RANGE["z"][0] + height
+
+
 def pick_progress(tcp_pos: torch.Tensor, finger_gap: torch.Tensor, block_pos: torch.Tensor) -> torch.Tensor:
     """[N, 3] bool: reach, grasp, lift of one block per env. Reach: the tool centre point within REACH_DISTANCE of
     the block's centre. Grasp: reached, the fingers closed to GRASP_GAP or less, the block GRASP_HEIGHT above
     its resting height (held, not pushed). Lift: the block LIFT_HEIGHT above its resting height."""
-    height = block_pos[:, 2] - CUBE_POSE_RANGE["z"][0]
     reach = torch.linalg.vector_norm(tcp_pos - block_pos, dim=-1) < REACH_DISTANCE
-    grasp = reach & (finger_gap <= GRASP_GAP) & (height > GRASP_HEIGHT)
-    return torch.stack([reach, grasp, height > LIFT_HEIGHT], dim=-1)
+    grasp = reach & (finger_gap <= GRASP_GAP) & above_rest(block_pos, GRASP_HEIGHT)
+    return torch.stack([reach, grasp, above_rest(block_pos, LIFT_HEIGHT)], dim=-1)
 
 
 def sample_stack_layout(key: int, num_arm_joints: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,8 +348,7 @@ class StackCubeSpec(GenericSpec):
 
 def cube_lifted(env, height: float, cube: str = CUBES[1]) -> torch.Tensor:
     """[N] bool: the block's centre (by default the red one's) is `height` above its resting height."""
-    z = env.scene[cube].data.root_pos_w.torch[:, 2] - env.scene.env_origins[:, 2]
-    return z > CUBE_POSE_RANGE["z"][0] + height
+    return above_rest(env.scene[cube].data.root_pos_w.torch - env.scene.env_origins, height)
 
 
 def told_blue(num_envs: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -353,10 +356,15 @@ def told_blue(num_envs: int, device: torch.device | str = "cpu") -> torch.Tensor
     return torch.arange(num_envs, device=device) >= (num_envs + 1) // 2
 
 
+def instructed_block(env) -> torch.Tensor:
+    """[N, 3] the centre of the block each sub-env of LiftRedOrBlueSpec is told to lift (env frame)."""
+    cubes = cube_positions(env)
+    return torch.where(told_blue(env.num_envs, env.device)[:, None], cubes[:, 0], cubes[:, 1])
+
+
 def instructed_cube_lifted(env, height: float) -> torch.Tensor:
     """[N] bool: the block each sub-env of LiftRedOrBlueSpec is told to lift is up."""
-    return torch.where(told_blue(env.num_envs, env.device), cube_lifted(env, height, CUBES[0]),
-                       cube_lifted(env, height, CUBES[1]))
+    return above_rest(instructed_block(env), height)
 
 
 class LiftCubeSpec(StackCubeSpec):
@@ -393,8 +401,7 @@ class LiftRedOrBlueSpec(LiftCubeSpec):
     success_test = staticmethod(instructed_cube_lifted)
 
     def target_block(self, env) -> torch.Tensor:
-        cubes = cube_positions(env)
-        return torch.where(told_blue(env.num_envs, env.device)[:, None], cubes[:, 0], cubes[:, 1])
+        return instructed_block(env)
 
     def instructions(self, num_envs: int) -> list[str]:
         return [LIFT_BLUE_INSTRUCTION if blue else LIFT_INSTRUCTION for blue in told_blue(num_envs).tolist()]
