@@ -106,9 +106,8 @@ class Demonstrations:
         instructions = tuple(dataset.tasks.values())
         lengths = [int(ep["length"]) for ep in dataset.episodes]
         starts = np.cumsum([0, *lengths])
-        first = dataset.episode(0)
-        views = [first.images[k] for k in dataset.modality["video"]]
-        rgb = torch.empty((starts[-1], len(views), *views[0].shape[1:]), dtype=torch.uint8)
+        first, keys = dataset.episode(0), list(dataset.modality["video"])
+        rgb = torch.empty((starts[-1], len(keys), *first.images[keys[0]].shape[1:]), dtype=torch.uint8)
         state = torch.empty((starts[-1], first.state.shape[1]), dtype=torch.float32)
         action = torch.empty((starts[-1], first.action.shape[1]), dtype=torch.float32)
         end, task = torch.empty(starts[-1], dtype=torch.long), torch.empty(starts[-1], dtype=torch.long)
@@ -121,7 +120,7 @@ class Demonstrations:
                 if len(ep.state) != lengths[i]:
                     raise ValueError(f"--dataset {root}: episode {i} has {len(ep.state)} frames, its entry in "
                                      f"meta/episodes.jsonl says {lengths[i]}")
-                for v, key in enumerate(dataset.modality["video"]):
+                for v, key in enumerate(keys):
                     rgb[rows, v] = torch.from_numpy(ep.images[key])
                 state[rows], action[rows] = torch.from_numpy(ep.state), torch.from_numpy(ep.action)
                 end[rows], task[rows] = starts[i + 1] - 1, instructions.index(ep.task)
