@@ -73,6 +73,9 @@ class SFTConfig(RunConfig):
     """Augment the views with GR00T's training VideoColorJitter (brightness 0.3, contrast 0.4, saturation 0.5,
     hue 0.08), drawn anew for each view of each frame. torchvision jitters one image at a time on the CPU: about
     0.23 s per batch of 64 frames x 2 views at 128 px on 2 CPU cores."""
+    compile: bool = False
+    """Regional torch.compile of GR00T's repeated transformer blocks, their backward included (models/gr00t_fast.py;
+    GPU or CPU; a one-off compile at the first steps)."""
     log_every: int = 10
     """Log metrics every this many steps."""
     save_every: int = 500
@@ -194,7 +197,8 @@ def make_sft_policy(cfg: SFTConfig, spaces: Spaces, device: torch.device, bf16: 
     """A GR00T preset (random init; `metadata` from the demonstrations) or checkpoint (its own metadata), with the
     parts that --tune-visual / --tune-llm add to the trained ones."""
     also_trained = {name: True for name, on in (("tune_visual", cfg.tune_visual), ("tune_llm", cfg.tune_llm)) if on}
-    return make_policy(cfg, spaces, device, bf16, base, metadata=metadata, gr00t_overrides=also_trained)
+    return make_policy(cfg, spaces, device, bf16, base, metadata=metadata, gr00t_overrides=also_trained,
+                       compile=cfg.compile)
 
 
 # ------------------------------------------------------------------------------------------------------------------

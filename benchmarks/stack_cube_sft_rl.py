@@ -90,6 +90,8 @@ class Args:
     """Augment SFT's views with GR00T's train-mode random crop (train.py sft --random-crop)."""
     sft_color_jitter: bool = False
     """Augment SFT's views with GR00T's training colour jitter (train.py sft --color-jitter)."""
+    sft_compile: bool = False
+    """Regional torch.compile of GR00T's blocks during SFT (train.py sft --compile): more steps per minute."""
     sft_run: Path | None = None
     """Start RL from this existing SFT run (and evaluate it as `sft`) instead of <out>/sft, e.g. to compare RL
     settings from one SFT model, one --out each. Not with the sft phase."""
@@ -271,6 +273,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   *(["--tune-visual"] if args.sft_tune_visual else []),
                                   *(["--random-crop"] if args.sft_random_crop else []),
                                   *(["--color-jitter"] if args.sft_color_jitter else []),
+                                  *(["--compile"] if args.sft_compile else []),
                                   "--device", args.device, *task_flags(args)))]
     if phase == "rl":
         refuse_existing([args.out / name for name in rl_runs(args)])

@@ -165,6 +165,20 @@ def test_sft_with_augmentations_augments_every_batch(tmp_path, monkeypatch):
     assert np.isfinite(out["sft/loss"]) and calls == [("crop", shape, 0.95), ("jitter", shape)] * 2
 
 
+def test_sft_compile_trains_through_the_compiled_blocks(tmp_path, monkeypatch):
+    """--compile hands the policy to models.gr00t_fast.accelerate (whose compiled gradients equal eager ones:
+    tests/test_gr00t_fast.py) before the first step; without it the policy stays plain."""
+    import models.gr00t_fast
+
+    calls = []
+    monkeypatch.setattr(models.gr00t_fast, "accelerate", lambda policy, **kw: calls.append(kw) or policy)
+    root = _write_dataset(tmp_path / "ds", episodes=1, length=4)
+    for compile_ in (False, True):
+        sft.train(sft.SFTConfig(dataset=str(root), num_iterations=1, batch_size=2, compile=compile_,
+                                env=TaskConfig(image_size=32), device="cpu", run_dir=str(tmp_path / f"run{compile_}")))
+    assert calls == [{"compile": True, "cuda_graphs": False}]
+
+
 def test_bad_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="is not a directory"):
         sft.train(sft.SFTConfig(dataset=str(tmp_path / "missing"), device="cpu"))
