@@ -111,7 +111,7 @@ def test_eval_writes_summary_and_videos(tmp_path, monkeypatch):
     (["grpo", "--max-minutes", "0"], "--max-minutes must be > 0, got 0.0"),
     (["ppo", "--policy", "mlp", "--compile"], "--policy mlp has no fast path"),
     # SFT steps no env and has no RL head: it refuses their flags rather than ignoring them
-    (["sft", "--compile"], "--compile"),
+    (["sft", "--cuda-graphs"], "--cuda-graphs"),
     (["sft", "--gr00t-noise-level", "0.3"], "--gr00t-noise-level"),
     (["sft", "--env.num-envs", "4"], "--env.num-envs"),
 ])
