@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import eval as eval_script  # noqa: E402
 import loop_throughput  # noqa: E402
 import scaling  # noqa: E402
+import sft_throughput  # noqa: E402
 import stack_cube_sft_rl  # noqa: E402
 import train as train_script  # noqa: E402
 from algos import grpo, ppo, sft  # noqa: E402
@@ -243,3 +244,33 @@ def test_stack_cube_report_intervals_gains_and_milestones(tmp_path):
     assert "| grpo_lr1e-06 | 0.312 [0.259, 0.372] (256 ep) | +6.2 points | no | 4 | 2,000 |  |" in markdown
     assert "| model | reach_red | place_green |" in markdown and "| sft | 1.000 | 0.250 |" in markdown
     assert (tmp_path / "success_vs_env_steps.png").is_file()
+
+
+def test_sft_throughput_times_the_steady_steps_hand_computed():
+    # batch 8, logged every 10 steps; the run is timed from the first logged step at or after warm-up 15 (step 20)
+    metrics = [{"step": s, "time": t, "sft/loss": 1.0} for s, t in [(10, 100.0), (20, 130.0), (30, 132.0), (40, 134.5)]]
+    assert sft_throughput.steady_frames_per_s(metrics, warmup=15, batch_size=8) == pytest.approx(8 * 20 / 4.5)
+    with pytest.raises(ValueError, match="no two logged steps at or after step 40"):
+        sft_throughput.steady_frames_per_s(metrics, warmup=40, batch_size=8)
+
+
+def test_sft_throughput_commands_are_valid_and_differ_only_in_compile(tmp_path):
+    args = sft_throughput.Args(dataset=tmp_path / "demos", policies=("gr00t-tiny",), iterations=50, batch_size=4,
+                               random_crop=False)
+    configs = {}
+    for compile in (False, True):
+        cmd = sft_throughput.sft_command(args, "gr00t-tiny", compile, tmp_path / "run")
+        assert cmd[1:3] == ["train.py", "sft"]
+        configs[compile] = train_script.parse(cmd[2:])
+    eager, compiled = configs[False], configs[True]
+    assert isinstance(eager, sft.SFTConfig) and not eager.compile and compiled.compile
+    assert (eager.num_iterations, eager.batch_size, eager.policy, eager.tune_visual, eager.random_crop) == (
+        50, 4, "gr00t-tiny", True, False)
+    assert {**vars(eager), "compile": True} == vars(compiled)
+
+
+def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
+    with pytest.raises(SystemExit, match="--warmup 95 leaves fewer than the 10 logged steps"):
+        sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=95))
+    with pytest.raises(SystemExit, match="is not a LeRobot v2 dataset"):
+        sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=10))
