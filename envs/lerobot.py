@@ -131,7 +131,9 @@ class LeRobotWriter:
         self._states.append(state)
         self._actions.append(action)
 
-    def close(self) -> Path:
+    def close(self, recording: dict | None = None) -> Path:
+        """Finish the dataset: wait for the videos, write meta/, move it into place. `recording`: how the episodes
+        were made (meta/recording.json, beside LeRobot's own files, which keep their standard content)."""
         try:  # every video written (an encoding error is raised here)
             while self._encoding:
                 self._encoding.popleft().result()
@@ -175,6 +177,8 @@ class LeRobotWriter:
         (meta / "modality.json").write_text(json.dumps(modality, indent=2))
         (meta / "stats.json").write_text(json.dumps(stats, indent=2))
         (meta / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.episodes))
+        if recording is not None:
+            (meta / "recording.json").write_text(json.dumps(recording, indent=2))
         (meta / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n" for t, i in self.tasks.items()))
         if self.root.exists():
             shutil.rmtree(self.root)

@@ -95,7 +95,9 @@ def record(args: Args) -> Path:
     finally:
         bar.close()
         env.close()
-    return writer.close()
+    return writer.close(recording={"recorder": "envs.record_demos", "task": env.task, "seed": args.seed,
+                                   "action_noise": args.action_noise, "num_envs": env.num_envs,
+                                   "episodes": kept, "attempts": attempts, "expert_success_rate": kept / attempts})
 
 
 if __name__ == "__main__":

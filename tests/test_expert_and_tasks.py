@@ -54,6 +54,9 @@ def test_expert_stacks_all_three_cubes_and_records_a_lerobot_dataset(tmp_path):
 
     table = pq.read_table(root / "data/chunk-000/episode_000000.parquet")
     assert table.column("next.reward").to_pylist()[-1] == 1.0 and sum(table.column("next.reward").to_pylist()) == 1.0
+    assert json.loads((root / "meta" / "recording.json").read_text()) == {
+        "recorder": "envs.record_demos", "task": "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor", "seed": 0,
+        "action_noise": 0.0, "num_envs": 1, "episodes": 1, "attempts": 1, "expert_success_rate": 1.0}
 
 
 def test_lift_task_succeeds_when_the_expert_lifts_the_red_block(tmp_path):
@@ -76,6 +79,7 @@ def test_noisy_execution_records_the_experts_own_actions(tmp_path):
         args = record_demos.Args(out=tmp_path / f"noise{noise}", episodes=1, max_attempts=3, seed=0, action_noise=noise,
                                  env=EnvConfig(task=LIFT_CUBE, num_envs=1, device="cpu", image_size=16))
         episodes[noise] = LeRobotDataset(record_demos.record(args)).episode(0)
+    assert json.loads((tmp_path / "noise0.05" / "meta" / "recording.json").read_text())["action_noise"] == 0.05
     clean, noisy = episodes[0.0], episodes[0.05]
     length = min(len(clean.state), len(noisy.state))
     assert not np.allclose(clean.state[:length], noisy.state[:length], atol=1e-3)
