@@ -311,15 +311,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def report(args: Args) -> dict:
     """results.json, results.md and the plot, from what the phases wrote."""
     evals = {name: json.loads((args.out / "eval" / name / "summary.json").read_text())
              for name in models(args) if (args.out / "eval" / name / "summary.json").is_file()}
     curves = {name: read_jsonl(args.out / name / "metrics.jsonl") for name in rl_runs(args)}
-    sft_config = sft_dir(args) / "config.json"  # the SFT run names its dataset
-    demos = Path(json.loads(sft_config.read_text())["dataset"]) if sft_config.is_file() else demos_dir(args)
-    info = demos / "meta" / "info.json"
-    demos_info = json.loads(info.read_text()) if info.is_file() else {}
+    sft_config = read_json(sft_dir(args) / "config.json")  # the SFT run names its dataset
+    demos = Path(sft_config["dataset"]) if sft_config else demos_dir(args)
+    demos_info = read_json(demos / "meta" / "info.json")
     rows = []
     for name in models(args):
         if name not in evals:
@@ -366,7 +369,12 @@ def report(args: Args) -> dict:
                                                     for m in milestones) + " |" for r in rows]
     markdown = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(markdown)
-    results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)), "rows": rows,
+    # how the SFT model was made, as its run and its demos recorded it (sft_levers.py compares runs by these)
+    recipe = {"config": sft_config, "demos": {"episodes": demos_info.get("total_episodes"),
+                                              "frames": demos_info.get("total_frames"),
+                                              "recording": read_json(demos / "meta" / "recording.json")}}
+    results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)), "sft_recipe": recipe,
+               "rows": rows,
                "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
                               for r in v] for k, v in curves.items()}}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import eval as eval_script  # noqa: E402
 import loop_throughput  # noqa: E402
 import scaling  # noqa: E402
+import sft_levers  # noqa: E402
 import sft_throughput  # noqa: E402
 import stack_cube_sft_rl  # noqa: E402
 import train as train_script  # noqa: E402
@@ -274,3 +275,42 @@ def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=95))
     with pytest.raises(SystemExit, match="is not a LeRobot v2 dataset"):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=10))
+
+
+def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int | None) -> Path:
+    """A stack_cube_sft_rl.py output folder with only an evaluated SFT model: its config, demos meta and eval."""
+    demos = out / "demos"
+    (demos / "meta").mkdir(parents=True)
+    (demos / "meta" / "info.json").write_text(json.dumps({"total_episodes": 600, "total_frames": 220_000}))
+    (demos / "meta" / "recording.json").write_text(json.dumps({"action_noise": 0.01}))
+    ckpt = out / "sft" / "checkpoints" / "iter_002500"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"iteration": 2500}))
+    (out / "sft" / "config.json").write_text(json.dumps(
+        {"dataset": str(demos), "policy": "gr00t-small", "num_iterations": 2500, "batch_size": 64,
+         "learning_rate": 1e-4, "tune_visual": True, "random_crop": random_crop, "color_jitter": False, "seed": 1,
+         "env": {"image_size": 128}}))
+    (out / "eval" / "sft").mkdir(parents=True)
+    (out / "eval" / "sft" / "summary.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt), "success_rate": successes / 256, "num_episodes": 256,
+         "milestone_rates": {"reach_red": 0.9, "place_green": successes / 256}}))
+    stack_cube_sft_rl.report(stack_cube_sft_rl.Args(out=out, rl_algos=[], device="cpu",
+                                                    eval_action_exec_horizon=exec_horizon))
+    return out
+
+
+def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
+    runs = [fake_sft_run(tmp_path / "base", 64, False, None), fake_sft_run(tmp_path / "crop", 128, True, None),
+            fake_sft_run(tmp_path / "crop8", 80, True, 8)]
+    recipe = json.loads((runs[0] / "results.json").read_text())["sft_recipe"]
+    assert recipe["demos"] == {"episodes": 600, "frames": 220_000, "recording": {"action_noise": 0.01}}
+    rows = sft_levers.main(sft_levers.Args(runs=runs, out=tmp_path / "levers"))
+    assert [r["settings"]["random crop"] for r in rows] == [False, True, True]
+    markdown = (tmp_path / "levers" / "results.md").read_text()
+    assert markdown.startswith("Shared by every run: demos 600, demo noise 0.01, policy gr00t-small, SFT steps 2500")
+    assert "| run | random crop | eval actions per chunk | SFT success [95 % interval] | reach_red | place_green |" in markdown
+    # the Wilson intervals of 64/256 and 128/256 as in test_stack_cube_report_intervals_gains_and_milestones
+    assert "| base | no | all (16) | 0.250 [0.201, 0.306] (256 ep) | 0.900 | 0.250 |" in markdown
+    assert "| crop8 | yes | 8 | 0.312 [0.259, 0.372] (256 ep) | 0.900 | 0.312 |" in markdown
+    with pytest.raises(SystemExit, match="results.json is missing"):
+        sft_levers.main(sft_levers.Args(runs=[tmp_path / "nowhere"], out=tmp_path / "levers"))

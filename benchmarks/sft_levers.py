@@ -1,0 +1,112 @@
+"""One table of SFT recipes: what each `stack_cube_sft_rl.py` run's SFT model scored, beside the settings in which
+the runs differ.
+
+    python benchmarks/sft_levers.py runs/sc_base runs/sc_crop runs/sc_crop_exec8 --out runs/sft_levers
+
+Each run folder holds the results.json of the pipeline's report phase, which records how its SFT model was made
+(the SFT run's config, the demos' size and recording) and how it was evaluated. The table has a column for each
+setting whose value is not the same in every run, then the SFT success with its 95 % interval and the share of
+episodes that reached each milestone. Writes results.md and results.json under --out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+# setting name -> where it is in a results.json (the SFT config, the demos, the pipeline's eval arguments)
+SETTINGS = {
+    "demos": ("sft_recipe", "demos", "episodes"),
+    "demo noise": ("sft_recipe", "demos", "recording", "action_noise"),
+    "policy": ("sft_recipe", "config", "policy"),
+    "SFT steps": ("sft_recipe", "config", "num_iterations"),
+    "batch": ("sft_recipe", "config", "batch_size"),
+    "lr": ("sft_recipe", "config", "learning_rate"),
+    "vision tower trained": ("sft_recipe", "config", "tune_visual"),
+    "random crop": ("sft_recipe", "config", "random_crop"),
+    "colour jitter": ("sft_recipe", "config", "color_jitter"),
+    "SFT seed": ("sft_recipe", "config", "seed"),
+    "image px": ("sft_recipe", "config", "env", "image_size"),
+    "eval actions per chunk": ("args", "eval_action_exec_horizon"),
+    "eval episodes": ("args", "eval_episodes"),
+    "eval seed": ("args", "eval_seed"),
+}
+
+
+@dataclass
+class Args:
+    runs: tyro.conf.Positional[list[Path]]
+    """`stack_cube_sft_rl.py` output folders (each with results.json), in the order of the table's rows."""
+    out: Path = Path("runs/sft_levers")
+    """Where results.md and results.json go."""
+
+
+def lookup(results: dict, path: tuple[str, ...]) -> object:
+    """The value at `path` in a results.json, None where it is missing (e.g. demos recorded before
+    meta/recording.json existed)."""
+    value = results
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def shown(name: str, value: object) -> str:
+    if value is None:
+        return "all (16)" if name == "eval actions per chunk" else "?"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load(run: Path) -> dict:
+    path = run / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing: run stack_cube_sft_rl.py's report phase for {run} first")
+    results = json.loads(path.read_text())
+    if "sft_recipe" not in results:
+        raise SystemExit(f"error: {path} does not say how its SFT model was made (no 'sft_recipe'): rerun "
+                         f"`stack_cube_sft_rl.py --out {run} --phases report`")
+    sft = next((r for r in results["rows"] if r["model"] == "sft"), None)
+    if sft is None:
+        raise SystemExit(f"error: {path} has no evaluated SFT model: run its eval phase first")
+    return {"run": str(run), "settings": {name: lookup(results, where) for name, where in SETTINGS.items()},
+            "success_rate": sft["success_rate"], "episodes": sft["episodes"], "ci95": sft["ci95"],
+            "milestone_rates": sft["milestone_rates"], "device": results["device"]}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: the settings that differ between the rows, success [95 % interval], milestones."""
+    varied = [name for name in SETTINGS if len({json.dumps(r["settings"][name]) for r in rows}) > 1]
+    same = {name: rows[0]["settings"][name] for name in SETTINGS if name not in varied}
+    milestones = list(dict.fromkeys(m for r in rows for m in r["milestone_rates"]))
+    lines = ["Shared by every run: " + ", ".join(f"{name} {shown(name, v)}" for name, v in same.items()) + "; "
+             + ", ".join(sorted({r["device"] for r in rows})) + ".", "",
+             "| run | " + " | ".join(varied + ["SFT success [95 % interval]"] + milestones) + " |",
+             "|---|" + "---|" * len(varied) + "---:|" * (1 + len(milestones))]
+    for r in rows:
+        cells = [shown(name, r["settings"][name]) for name in varied]
+        cells.append(f"{r['success_rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['episodes']} ep)")
+        cells += [f"{r['milestone_rates'][m]:.3f}" if m in r["milestone_rates"] else "" for m in milestones]
+        lines.append(f"| {Path(r['run']).name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args) -> list[dict]:
+    if not args.runs:
+        raise SystemExit("error: name at least one stack_cube_sft_rl.py output folder")
+    rows = [load(run) for run in args.runs]
+    markdown = table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(markdown)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    print(markdown)
+    return rows
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
