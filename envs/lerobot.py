@@ -22,7 +22,7 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ class LeRobotWriter:
         self.episodes: list[dict] = []
         self.tasks: dict[str, int] = {}
         self.total_frames = 0
+        self.label_names: list[str] = []
         self._states: list[np.ndarray] = []
         self._actions: list[np.ndarray] = []
         workers = workers or os.cpu_count() or 1
@@ -77,8 +78,9 @@ class LeRobotWriter:
         self._max_encoding = 4 * workers  # videos waiting or being encoded at most (bounds the frames held)
 
     def add_episode(self, images: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray, task: str,
-                    reward: np.ndarray | None = None) -> None:
-        """images: {"image", "wrist_image"} → uint8 [T, H, W, 3]; state [T, 8]; action [T, 7]. The images are
+                    reward: np.ndarray | None = None, labels: dict[str, np.ndarray] | None = None) -> None:
+        """images: {"image", "wrist_image"} → uint8 [T, H, W, 3]; state [T, 8]; action [T, 7]; `labels`: more
+        per-frame int64 columns [T] (e.g. `leanvla.expert_phase`), the same names in every episode. The images are
         encoded in the background: do not modify them after the call."""
         import imageio.v2 as imageio
         import pyarrow as pa
@@ -96,6 +98,16 @@ class LeRobotWriter:
         if state.shape != (length, len(STATE_NAMES)) or action.shape != (length, len(ACTION_NAMES)):
             raise ValueError(f"state must be [{length}, {len(STATE_NAMES)}] and action [{length}, {len(ACTION_NAMES)}], "
                              f"got {list(state.shape)} and {list(action.shape)}")
+        labels = labels or {}
+        for name in labels:
+            if not name.startswith("leanvla."):
+                raise ValueError(f"label columns are named leanvla.<name> (apart from LeRobot's own), got {name!r}")
+        if self.episodes and sorted(labels) != self.label_names:
+            raise ValueError(f"labels must be {self.label_names} as in the first episode, got {sorted(labels)}")
+        for name, column in labels.items():
+            if column.shape != (length,):
+                raise ValueError(f"labels[{name!r}] must have shape [{length}], got {list(column.shape)}")
+        self.label_names = sorted(labels)
         index = len(self.episodes)
         chunk = index // CHUNK_SIZE
         task_index = self.tasks.setdefault(task, len(self.tasks))
@@ -113,6 +125,7 @@ class LeRobotWriter:
             "annotation.human.action.task_description": pa.array(np.full(length, task_index, dtype=np.int64)),
             "next.reward": pa.array(reward),
             "next.done": pa.array(done),
+            **{name: pa.array(labels[name].astype(np.int64)) for name in self.label_names},
         })
         path = self.tmp / DATA_PATH.format(episode_chunk=chunk, episode_index=index)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +171,7 @@ class LeRobotWriter:
             "annotation.human.action.task_description": {"dtype": "int64", "shape": [1], "names": None},
             "next.reward": {"dtype": "float32", "shape": [1], "names": None},
             "next.done": {"dtype": "bool", "shape": [1], "names": None},
+            **{name: {"dtype": "int64", "shape": [1], "names": None} for name in self.label_names},
         }
         n = len(self.episodes)
         info = {
@@ -192,6 +206,7 @@ class Episode:
     state: np.ndarray  # float32 [T, S]
     action: np.ndarray  # float32 [T, A]
     task: str
+    labels: dict[str, np.ndarray] = field(default_factory=dict)  # `leanvla.*` column → int64 [T]
 
 
 class LeRobotDataset:
@@ -217,13 +232,19 @@ class LeRobotDataset:
     def __len__(self) -> int:
         return len(self.episodes)
 
-    def episode(self, i: int) -> Episode:
-        import imageio.v2 as imageio
+    def _table(self, i: int):
+        """Episode i's parquet table, its episode index and its chunk."""
         import pyarrow.parquet as pq
 
         index = self.episodes[i]["episode_index"]
         chunk = index // self.info["chunks_size"]
-        table = pq.read_table(self.root / self.info["data_path"].format(episode_chunk=chunk, episode_index=index))
+        return pq.read_table(self.root / self.info["data_path"].format(episode_chunk=chunk, episode_index=index)), \
+            index, chunk
+
+    def episode(self, i: int) -> Episode:
+        import imageio.v2 as imageio
+
+        table, index, chunk = self._table(i)
         state = np.stack(table.column("observation.state").to_numpy(zero_copy_only=False)).astype(np.float32)
         action = np.stack(table.column("action").to_numpy(zero_copy_only=False)).astype(np.float32)
         images = {}
@@ -234,5 +255,13 @@ class LeRobotDataset:
             if len(images[short]) != len(state):
                 raise ValueError(f"{path} has {len(images[short])} frames but the episode has {len(state)}")
         task = self.tasks[int(table.column("task_index")[0].as_py())]
-        return Episode(images=images, state=state, action=action, task=task)
+        return Episode(images=images, state=state, action=action, task=task, labels=self._labels(table))
+
+    def labels(self, i: int) -> dict[str, np.ndarray]:
+        """Episode i's per-frame label columns (the writer's `labels`) alone, without decoding its videos."""
+        return self._labels(self._table(i)[0])
+
+    @staticmethod
+    def _labels(table) -> dict[str, np.ndarray]:
+        return {name: table.column(name).to_numpy() for name in table.column_names if name.startswith("leanvla.")}
 

@@ -5,7 +5,10 @@
 Every env runs the expert; an episode is kept only if it ends in success. Frames hold what the policy sees
 (table and wrist RGB, 8-d state) and the expert's 7-d IK-relative action. With `--action-noise`, the env executes
 noisy actions while the frames keep the expert's own (DART), so the demonstrations show recoveries from small
-deviations: states a policy's own errors lead to.
+deviations: states a policy's own errors lead to. Each frame is labelled with the expert's round (0: red onto blue,
+1: green onto red) and phase (an index into `envs.expert.PHASE_NAMES`) when it acted, in the parquet columns
+`leanvla.expert_round` and `leanvla.expert_phase`, so that a model's errors can be told apart by phase
+(benchmarks/sft_open_loop.py).
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def record(args: Args) -> Path:
     writer = LeRobotWriter(args.out, fps=round(1 / env.step_dt), image_size=args.env.image_size, overwrite=args.overwrite)
     expert = StackExpert(env.num_envs, env.device)
     max_attempts = args.max_attempts or 3 * args.episodes
-    buffers: list[dict[str, list]] = [{"image": [], "wrist_image": [], "state": [], "action": []} for _ in range(env.num_envs)]
+    keys = ("image", "wrist_image", "state", "action", "round", "phase")
+    buffers: list[dict[str, list]] = [{k: [] for k in keys} for _ in range(env.num_envs)]
     kept = attempts = 0
     noise_generator = torch.Generator(device=env.device).manual_seed(args.seed)
     arm = torch.arange(env.action_dim, device=env.device) < 6  # the gripper (dim 6) stays the expert's
@@ -64,6 +68,7 @@ def record(args: Args) -> Path:
         while kept < args.episodes:
             if attempts >= max_attempts:
                 raise RuntimeError(f"only {kept} of {attempts} expert episodes succeeded; wanted {args.episodes}")
+            rounds, phases = expert.round.tolist(), expert.phase.tolist()  # the phase the action below is taken in
             actions = expert.act(env.privileged_state())
             rgb, state, act = obs["rgb"].cpu().numpy(), obs["state"].cpu().numpy(), actions.cpu().numpy()
             for i, buf in enumerate(buffers):
@@ -71,6 +76,8 @@ def record(args: Args) -> Path:
                 buf["wrist_image"].append(rgb[i, 1])
                 buf["state"].append(state[i])
                 buf["action"].append(act[i])
+                buf["round"].append(rounds[i])
+                buf["phase"].append(phases[i])
             executed = actions
             if args.action_noise > 0:
                 noise = torch.randn(actions.shape, generator=noise_generator, device=env.device)
@@ -85,7 +92,9 @@ def record(args: Args) -> Path:
                     reward[-1] = 1.0
                     images = {k: np.stack(buf[k]) for k in ("image", "wrist_image")}
                     task = env.instruction if isinstance(env.instruction, str) else env.instruction[i]
-                    writer.add_episode(images, np.stack(buf["state"]), np.stack(buf["action"]), task, reward)
+                    labels = {"leanvla.expert_round": np.array(buf["round"]),
+                              "leanvla.expert_phase": np.array(buf["phase"])}
+                    writer.add_episode(images, np.stack(buf["state"]), np.stack(buf["action"]), task, reward, labels)
                     kept += 1
                     bar.update(1)
                 buffers[i] = {k: [] for k in buf}

@@ -8,7 +8,7 @@ import torch
 
 from envs import EnvConfig, make_env, record_demos
 from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_assets
-from envs.expert import DONE, StackExpert
+from envs.expert import APPROACH, CLOSE, DONE, StackExpert
 from envs.lerobot import LeRobotDataset
 from envs.tasks import (LIFT_BLUE_INSTRUCTION, LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, LIFT_RED_OR_BLUE,
                          STACK_INSTRUCTION, pick_progress)
@@ -47,6 +47,14 @@ def test_expert_stacks_all_three_cubes_and_records_a_lerobot_dataset(tmp_path):
     assert episode.images["image"].shape == (length, 16, 16, 3) and episode.images["wrist_image"].dtype == np.uint8
     assert set(np.unique(episode.action[:, 6])) == {-1.0, 1.0}  # the gripper closed and opened
     assert episode.task == STACK_INSTRUCTION
+    # each frame's label is the expert phase its action was taken in: the phases run in order, round by round
+    rounds, phases = episode.labels["leanvla.expert_round"], episode.labels["leanvla.expert_phase"]
+    assert rounds.dtype == np.int64 and rounds.shape == phases.shape == (length,)
+    order = rounds * 100 + phases
+    assert (np.diff(order) >= 0).all() and order[0] == 0
+    assert set(phases[rounds == 0]) == set(range(8)) and set(range(6)) <= set(phases[rounds == 1])
+    assert (episode.action[phases == CLOSE, 6] == -1.0).all() and (episode.action[phases == APPROACH, 6] == 1.0).all()
+    assert dataset.labels(0).keys() == episode.labels.keys()
     modality = json.loads((root / "meta" / "modality.json").read_text())
     assert modality["state"]["gripper"] == {"start": 6, "end": 8}
     assert modality["video"]["wrist_image"] == {"original_key": "observation.images.wrist_image"}

@@ -70,3 +70,25 @@ def test_a_failed_video_encoding_is_raised_and_publishes_nothing(tmp_path, monke
     with pytest.raises(OSError, match="disk full while writing .*episode_000000.mp4"):
         writer.close()
     assert not (tmp_path / "ds").exists()
+
+
+def test_label_columns_round_trip_and_stay_the_same_in_every_episode(tmp_path):
+    rng = np.random.default_rng(3)
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32)
+    phases = [np.array([0, 0, 1, 2]), np.array([0, 1, 1])]
+    for phase in phases:
+        writer.add_episode(*_episode(rng, len(phase)), "t", labels={"leanvla.phase": phase})
+    images, state, action = _episode(rng, 3)
+    with pytest.raises(ValueError, match=r"labels must be \['leanvla.phase'\] as in the first episode"):
+        writer.add_episode(images, state, action, "t")
+    with pytest.raises(ValueError, match=r"labels\['leanvla.phase'\] must have shape \[3\], got \[2\]"):
+        writer.add_episode(images, state, action, "t", labels={"leanvla.phase": np.zeros(2, np.int64)})
+    with pytest.raises(ValueError, match="named leanvla.<name>"):
+        writer.add_episode(images, state, action, "t", labels={"phase": np.zeros(3, np.int64)})
+    root = writer.close()
+    dataset = LeRobotDataset(root)
+    assert dataset.info["total_episodes"] == 2  # the refused episodes left nothing behind
+    assert dataset.info["features"]["leanvla.phase"] == {"dtype": "int64", "shape": [1], "names": None}
+    for i, phase in enumerate(phases):
+        np.testing.assert_array_equal(dataset.episode(i).labels["leanvla.phase"], phase)
+        np.testing.assert_array_equal(dataset.labels(i)["leanvla.phase"], phase)
