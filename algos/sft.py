@@ -99,15 +99,16 @@ class Demonstrations:
     instructions: tuple[str, ...]
 
     @classmethod
-    def load(cls, root: str | Path, workers: int | None = None, progress: bool = False) -> Demonstrations:
+    def load(cls, root: str | Path, workers: int | None = None, progress: bool = False,
+             num_episodes: int | None = None) -> Demonstrations:
         """Decode every episode (in `workers` threads; None: one per CPU core) straight into one preallocated
         uint8 tensor, so that the peak memory is the frames' own size (thousands of episodes at 224 px are tens
-        of GB). `progress`: a progress bar over the episodes."""
+        of GB). `progress`: a progress bar over the episodes; `num_episodes`: only the first so many."""
         dataset = LeRobotDataset(root)
         if len(dataset) == 0:
             raise ConfigError(f"--dataset {root} has no episodes")
         instructions = tuple(dataset.tasks.values())
-        lengths = [int(ep["length"]) for ep in dataset.episodes]
+        lengths = [int(ep["length"]) for ep in dataset.episodes[:num_episodes]]
         starts = np.cumsum([0, *lengths])
         first, keys = dataset.episode(0), list(dataset.modality["video"])
         rgb = torch.empty((starts[-1], len(keys), *first.images[keys[0]].shape[1:]), dtype=torch.uint8)
@@ -116,8 +117,8 @@ class Demonstrations:
         end, task = torch.empty(starts[-1], dtype=torch.long), torch.empty(starts[-1], dtype=torch.long)
         pool = ThreadPoolExecutor(workers or os.cpu_count())  # ffmpeg decodes outside the GIL
         try:
-            episodes = itertools.chain([first], pool.map(dataset.episode, range(1, len(dataset))))
-            for i, ep in enumerate(tqdm(episodes, total=len(dataset), desc="loading demos", unit="ep",
+            episodes = itertools.chain([first], pool.map(dataset.episode, range(1, len(lengths))))
+            for i, ep in enumerate(tqdm(episodes, total=len(lengths), desc="loading demos", unit="ep",
                                         disable=not progress)):
                 rows = slice(starts[i], starts[i + 1])
                 if len(ep.state) != lengths[i]:

@@ -15,7 +15,8 @@ Phases (`--phases` picks some; each reads what the earlier ones wrote under --ou
   demos   the scripted expert's successful episodes as a LeRobot v2 dataset   (envs/record_demos.py)
   sft     GR00T (`--sft-policy`, random init) fine-tuned on them               (train.py sft)
   rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
-  eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions
+  eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions; and
+          the SFT model's open-loop fit of its demos by expert phase              (benchmarks/sft_open_loop.py)
   report  results.md / results.json (success with 95 % intervals, milestones reached) and
           success_vs_env_steps.png (against env steps and RL minutes)
 
@@ -295,8 +296,15 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                            "--output", str(args.out / "eval" / name),
                                            *([] if args.eval_action_exec_horizon is None else
                                              ["--action-exec-horizon", str(args.eval_action_exec_horizon)])))
-                for name, run in todo.items()]
+                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" in todo else [])
     return []
+
+
+def open_loop_job(args: Args) -> Job:
+    """The SFT model's per-phase fit of its own demonstrations (benchmarks/sft_open_loop.py): under-fitting or
+    drift, beside the closed-loop milestones."""
+    return Job("open_loop_sft", python("benchmarks/sft_open_loop.py", str(sft_dir(args)), "--device", args.device,
+                                       "--out", str(args.out / "eval" / "sft_open_loop")))
 
 
 def success_interval(successes: int, episodes: int) -> tuple[float, float]:
@@ -367,6 +375,10 @@ def report(args: Args) -> dict:
         lines += ["", "| model | " + " | ".join(milestones) + " |", "|---|" + "---:|" * len(milestones)]
         lines += [f"| {r['model']} | " + " | ".join(f"{r['milestone_rates'].get(m, float('nan')):.3f}"
                                                     for m in milestones) + " |" for r in rows]
+    open_loop = args.out / "eval" / "sft_open_loop"
+    if (open_loop / "results.md").is_file():
+        lines += ["", "The SFT model on its own demonstrations, open loop, by expert phase "
+                  "(`benchmarks/sft_open_loop.py`):", "", (open_loop / "results.md").read_text().strip()]
     markdown = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(markdown)
     # how the SFT model was made, as its run and its demos recorded it (sft_levers.py compares runs by these)
@@ -374,7 +386,7 @@ def report(args: Args) -> dict:
                                               "frames": demos_info.get("total_frames"),
                                               "recording": read_json(demos / "meta" / "recording.json")}}
     results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)), "sft_recipe": recipe,
-               "rows": rows,
+               "rows": rows, "sft_open_loop": read_json(open_loop / "results.json").get("rows"),
                "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
                               for r in v] for k, v in curves.items()}}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -14,6 +14,7 @@ import eval as eval_script  # noqa: E402
 import loop_throughput  # noqa: E402
 import scaling  # noqa: E402
 import sft_levers  # noqa: E402
+import sft_open_loop  # noqa: E402
 import sft_throughput  # noqa: E402
 import stack_cube_sft_rl  # noqa: E402
 import train as train_script  # noqa: E402
@@ -108,8 +109,10 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     (tmp_path / "eval" / "ppo_lr3e-05").mkdir(parents=True)  # evaluated at this checkpoint already
     (tmp_path / "eval" / "ppo_lr3e-05" / "summary.json").write_text(
         json.dumps({"checkpoint": str(tmp_path / "ppo_lr3e-05" / "checkpoints" / "iter_000005")}))
-    evals = stack_cube_sft_rl.phase_jobs("eval", args)
-    assert [job.name for job in evals] == ["eval_sft", "eval_ppo_lr1e-05"]
+    *evals, open_loop = stack_cube_sft_rl.phase_jobs("eval", args)
+    assert [job.name for job in evals] == ["eval_sft", "eval_ppo_lr1e-05"] and open_loop.name == "open_loop_sft"
+    open_loop_args = tyro.cli(sft_open_loop.Args, args=open_loop.cmd[2:])
+    assert open_loop_args.run == tmp_path / "sft" and open_loop_args.out == tmp_path / "eval" / "sft_open_loop"
     cfgs = [tyro.cli(eval_script.EvalConfig, args=job.cmd[2:]) for job in evals]
     assert {(c.num_episodes, c.seed, c.deterministic, c.action_exec_horizon) for c in cfgs} == {(256, 12345, True, 8)}
 
@@ -122,7 +125,7 @@ def test_stack_cube_pipeline_starts_rl_from_another_sft_run(tmp_path):
     assert {c.run_dir for c in rl} == {str(tmp_path / "second" / n) for n in ("ppo_lr1e-06", "grpo_lr1e-06")}
     (sft_run / "checkpoints" / "iter_000001").mkdir(parents=True)
     (sft_run / "checkpoints" / "iter_000001" / "state.json").write_text("{}")
-    (eval_sft,) = stack_cube_sft_rl.phase_jobs("eval", args)   # the RL runs have no checkpoint yet
+    eval_sft, _ = stack_cube_sft_rl.phase_jobs("eval", args)   # the RL runs have no checkpoint yet
     assert tyro.cli(eval_script.EvalConfig, args=eval_sft.cmd[2:]).checkpoint == str(sft_run)
     args.phases = ["sft", "rl"]
     with pytest.raises(SystemExit, match="--sft-run .* reuses an SFT run; leave out the sft phase"):
@@ -230,7 +233,12 @@ def test_stack_cube_report_intervals_gains_and_milestones(tmp_path):
              "milestone_rates": {"reach_red": 1.0, "place_green": rate}}))
     (tmp_path / "ppo_lr1e-06" / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s, "perf/rollout_time": 50.0, "perf/update_time": 10.0}) for s in (500, 1000)))
+    open_loop = tmp_path / "eval" / "sft_open_loop"  # what sft_open_loop.py wrote
+    open_loop.mkdir()
+    (open_loop / "results.md").write_text("| expert phase | frames |\n|---|---:|\n| round 1 approach | 7 |\n")
+    (open_loop / "results.json").write_text(json.dumps({"rows": [{"phase": "round 1 approach", "frames": 7}]}))
     results = stack_cube_sft_rl.report(args)
+    assert results["sft_open_loop"] == [{"phase": "round 1 approach", "frames": 7}]
     rows = {r["model"]: r for r in results["rows"]}
     # Wilson, z = 1.96: 64/256 -> centre (0.25 + z^2/512) / (1 + z^2/256) = 0.25370, half-width
     # z sqrt(0.25 * 0.75 / 256 + z^2 / (4 * 256^2)) / (1 + z^2/256) = 0.05278
@@ -244,6 +252,8 @@ def test_stack_cube_report_intervals_gains_and_milestones(tmp_path):
     assert "| ppo_lr1e-06 | 0.500 [0.439, 0.561] (256 ep) | +25.0 points | yes | 4 | 1,000 | 2.0 min |" in markdown
     assert "| grpo_lr1e-06 | 0.312 [0.259, 0.372] (256 ep) | +6.2 points | no | 4 | 2,000 |  |" in markdown
     assert "| model | reach_red | place_green |" in markdown and "| sft | 1.000 | 0.250 |" in markdown
+    assert markdown.endswith("by expert phase (`benchmarks/sft_open_loop.py`):\n\n| expert phase | frames |\n"
+                             "|---|---:|\n| round 1 approach | 7 |\n")
     assert (tmp_path / "success_vs_env_steps.png").is_file()
 
 

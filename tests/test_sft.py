@@ -56,6 +56,9 @@ def test_demonstrations_load_every_episode_in_place_with_any_number_of_threads(t
     assert torch.equal(one.rgb[10:15, 1], torch.from_numpy(episode.images["wrist_image"]))
     assert torch.equal(one.action[10:15], torch.from_numpy(episode.action))
     assert one.episode_end.tolist() == [2] * 3 + [9] * 7 + [14] * 5 + [18] * 4
+    first_two = sft.Demonstrations.load(root, num_episodes=2)
+    assert len(first_two) == 10 and torch.equal(first_two.rgb, one.rgb[:10])
+    assert first_two.episode_end.tolist() == [2] * 3 + [9] * 7
     # an index that disagrees with the episode's files is an error, not a silent misalignment
     lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
     lines[1] = json.dumps({**json.loads(lines[1]), "length": 6})
@@ -248,3 +251,65 @@ def test_eval_runs_an_sft_checkpoint_on_the_task_of_its_demonstrations(tmp_path,
     with pytest.raises(ConfigError, match="--action-exec-horizon 17 exceeds the policy's chunk of 16 actions"):
         eval_script.evaluate(dataclasses.replace(cfg, action_exec_horizon=17), make_env=TwoCameraToyEnv)
     assert closed == [True]  # the env is closed on the way out
+
+
+def test_open_loop_errors_hand_computed():
+    from benchmarks import sft_open_loop
+
+    expert = torch.zeros(1, 4, 7)
+    expert[..., 0] = 0.04  # 2 cm moves along x
+    expert[..., 6] = torch.tensor([1.0, 1.0, -1.0, -1.0])  # open, open, close, close
+    predicted = expert.clone()
+    predicted[..., 0] += 0.01  # 5 mm off along x
+    predicted[..., 3] += 0.02  # 0.01 rad = 0.573 deg off in roll
+    predicted[0, 3, 6] = 0.5  # opens on the last step, where the expert closes
+    errors = sft_open_loop.chunk_errors(predicted, expert)
+    expected = {"translation_mm": 5.0, "first_move_mm": 5.0, "rotation_deg": 0.01 * 180 / np.pi,
+                "gripper_agreement": 0.75, "expert_move_mm": 20.0}
+    for name, value in expected.items():
+        assert errors[name].tolist() == pytest.approx([value], rel=1e-5), name
+
+
+def test_open_loop_lines_each_frame_up_with_its_expert_window_and_phase(tmp_path, monkeypatch):
+    """A model that returns exactly the expert's recorded window of each frame it is shown has zero error in every
+    phase; the real (barely trained) model gives finite errors, the same on a second run."""
+    from benchmarks import sft_open_loop
+    from models.gr00t import Gr00tPolicy
+
+    rng = np.random.default_rng(0)
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=32)
+    rounds_phases = [([0, 0, 0, 0, 1, 1], [0, 0, 1, 2, 0, 1]), ([0, 0, 0, 0, 0], [0, 1, 1, 1, 2])]
+    offset = 0
+    for rounds, phases in rounds_phases:
+        length = len(rounds)
+        state = rng.uniform(-1, 1, (length, 8)).astype(np.float32)
+        state[:, 0] = (offset + np.arange(length)) / 100  # the frame's index, for the model below
+        images = {k: rng.integers(0, 255, (length, 32, 32, 3)).astype(np.uint8) for k in ("image", "wrist_image")}
+        writer.add_episode(images, state, rng.uniform(-0.04, 0.04, (length, 7)).astype(np.float32), "stack",
+                           labels={"leanvla.expert_round": np.array(rounds), "leanvla.expert_phase": np.array(phases)})
+        offset += length
+    root = writer.close()
+    cfg = sft.SFTConfig(dataset=str(root), policy="gr00t-tiny", num_iterations=1, batch_size=4, log_every=1,
+                        run_dir=str(tmp_path / "run"), env=TaskConfig(image_size=32), device="cpu")
+    sft.train(cfg)
+    demos = sft.Demonstrations.load(root)
+
+    def expert_windows(self, params, obs, instruction="", generator=None, deterministic=False):
+        frames = (obs["state"][:, 0] * 100).round().long()
+        return {"actions": demos.batch(frames, horizon=self.cfg.action_horizon)["actions"]}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Gr00tPolicy, "sample", expert_windows)
+        rows = sft_open_loop.main(sft_open_loop.Args(tmp_path / "run", stride=2, device="cpu", out=tmp_path / "a"))
+    # frames 0, 2, 4, 6, 8, 10: episode 0's 0, 2, 4 and episode 1's 0, 2, 4
+    assert [(r["phase"], r["frames"]) for r in rows] == [("round 1 approach", 2), ("round 1 descend", 2),
+                                                         ("round 2 approach", 1), ("round 1 close", 1),
+                                                         ("every frame", 6)]
+    for r in rows:
+        assert r["translation_mm"] == r["first_move_mm"] == r["rotation_deg"] == 0.0 and r["gripper_agreement"] == 1
+        assert r["expert_move_mm"] > 0
+    assert "| round 1 approach | 2 | 0.0 | 0.0 | 0.00 | 1.000 |" in (tmp_path / "a" / "results.md").read_text()
+
+    first = sft_open_loop.main(sft_open_loop.Args(tmp_path / "run", stride=2, device="cpu", out=tmp_path / "b"))
+    again = sft_open_loop.main(sft_open_loop.Args(tmp_path / "run", stride=2, device="cpu", out=tmp_path / "c"))
+    assert first == again and all(np.isfinite(r["translation_mm"]) and r["translation_mm"] > 0 for r in first)
