@@ -7,7 +7,8 @@ Layout (LeRobot `codebase_version` v2.1, with GR00T's `meta/modality.json`):
     meta/tasks.jsonl        one line per task string
     meta/modality.json      GR00T's view: which slices of state/action are which key, which videos
     meta/stats.json         per-feature min / max / mean / std / q01 / q99 (normalisation statistics)
-    data/chunk-000/episode_000000.parquet             one row per frame
+    meta/recording.json     (leanvla) how the episodes were made: task, seed, action noise, expert success
+    data/chunk-000/episode_000000.parquet             one row per frame (plus leanvla.* label columns, if any)
     videos/chunk-000/<video key>/episode_000000.mp4   one file per camera per episode
 
 The stack-cube keys follow RLinf's GR00T data config for Isaac Lab stack-cube (its Libero layout): videos
