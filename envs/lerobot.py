@@ -13,7 +13,8 @@ Layout (LeRobot `codebase_version` v2.1, with GR00T's `meta/modality.json`):
 
 The stack-cube keys follow RLinf's GR00T data config for Isaac Lab stack-cube (its Libero layout): videos
 `image` (table camera) and `wrist_image`; state x, y, z, roll, pitch, yaw, gripper; the same for actions. Our
-state's orientation is an axis-angle vector (three numbers), stored under roll/pitch/yaw slots.
+state's orientation is an axis-angle vector (three numbers, `envs.tasks.axis_angle`), stored under roll/pitch/yaw
+slots.
 """
 
 from __future__ import annotations

@@ -160,13 +160,24 @@ def tcp_pose(env) -> tuple[torch.Tensor, torch.Tensor]:
     return pos_w + quat_apply(quat_w, ids.tcp_offset.expand_as(pos_w)) - env.scene.env_origins, quat_w
 
 
-def stack_state(env) -> torch.Tensor:
-    """The 8-d policy state: tcp position (3), tcp orientation as axis-angle (3), two finger positions (2)."""
-    from isaaclab.utils.math import axis_angle_from_quat
+def axis_angle(quat: torch.Tensor) -> torch.Tensor:
+    """xyzw quaternion -> axis-angle vector, as LIBERO's quat2axisangle (which RLinf's Isaac Lab stack-cube state
+    uses) computes it: angle 2 acos(w) in [0, 2 pi], axis the direction of (x, y, z); zero where that is undefined.
+    The quaternion's sign is kept. Isaac Lab's axis_angle_from_quat first flips it to w >= 0 (angle <= pi): for a hand
+    pointing down, a half turn about a horizontal axis, w is near 0, and that vector jumps between +pi n and -pi n
+    from one step to the next."""
+    w = quat[..., 3].clamp(-1.0, 1.0)
+    sin_half = torch.sqrt(1.0 - w * w)
+    scale = torch.where(sin_half > 0, 2.0 * torch.acos(w) / sin_half.clamp_min(1e-12), torch.zeros_like(w))
+    return quat[..., :3] * scale.unsqueeze(-1)
 
+
+def stack_state(env) -> torch.Tensor:
+    """The 8-d policy state: tcp position (3), tcp orientation as axis-angle (3, `axis_angle`), two finger positions
+    (2)."""
     pos, quat = tcp_pose(env)
     fingers = env.scene["robot"].data.joint_pos.torch[:, franka_indices(env).fingers]
-    return torch.cat([pos, axis_angle_from_quat(quat), fingers], dim=-1)
+    return torch.cat([pos, axis_angle(quat), fingers], dim=-1)
 
 
 def cube_positions(env) -> torch.Tensor:

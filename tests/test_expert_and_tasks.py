@@ -11,7 +11,7 @@ from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_as
 from envs.expert import APPROACH, CLOSE, DONE, StackExpert
 from envs.lerobot import LeRobotDataset
 from envs.tasks import (LIFT_BLUE_INSTRUCTION, LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, LIFT_RED_OR_BLUE,
-                         STACK_INSTRUCTION, pick_progress)
+                         STACK_INSTRUCTION, axis_angle, pick_progress)
 
 
 def test_offline_franka_has_real_drives():
@@ -46,6 +46,9 @@ def test_expert_stacks_all_three_cubes_and_records_a_lerobot_dataset(tmp_path):
     assert episode.state.shape == (length, 8) and episode.action.shape == (length, 7)
     assert episode.images["image"].shape == (length, 16, 16, 3) and episode.images["wrist_image"].dtype == np.uint8
     assert set(np.unique(episode.action[:, 6])) == {-1.0, 1.0}  # the gripper closed and opened
+    # the tool orientation (axis-angle, the hand pointing down: a half turn) moves smoothly, no +-pi n jumps
+    assert np.abs(np.diff(episode.state[:, 3:6], axis=0)).max() < 0.1
+    assert np.linalg.norm(episode.state[:, 3:6], axis=1) == pytest.approx(np.pi, abs=0.1)
     assert episode.task == STACK_INSTRUCTION
     # each frame's label is the expert phase its action was taken in: the phases run in order, round by round
     rounds, phases = episode.labels["leanvla.expert_round"], episode.labels["leanvla.expert_phase"]
@@ -226,3 +229,25 @@ def test_expert_state_machine_finishes_in_done():
     expert.phase[:] = DONE
     expert.reset(torch.tensor([1]))
     assert expert.phase.tolist() == [DONE, 0]
+
+
+def test_axis_angle_keeps_the_quaternion_sign_as_libero_does():
+    """LIBERO's quat2axisangle (numpy, written out here as the reference): angle 2 acos(w), axis (x, y, z) / |.|."""
+    def libero(q):
+        den = np.sqrt(1.0 - q[3] ** 2)
+        return np.zeros(3) if np.isclose(den, 0.0) else q[:3] * 2.0 * np.arccos(q[3]) / den
+
+    rng = np.random.default_rng(0)
+    quats = rng.normal(size=(64, 4))
+    quats /= np.linalg.norm(quats, axis=1, keepdims=True)  # both signs of w
+    quats = np.concatenate([quats, [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -1.0]]])
+    ours = axis_angle(torch.tensor(quats, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(ours, np.stack([libero(q) for q in quats]), atol=1e-9)
+    # a half turn about x, tilted a little either way: the vector stays near (pi, 0, 0) on both sides of w = 0,
+    # where Isaac Lab's sign-canonical axis_angle_from_quat jumps to (-pi, 0, 0)
+    from isaaclab.utils.math import axis_angle_from_quat
+
+    tilts = torch.tensor([np.pi - 0.01, np.pi + 0.01], dtype=torch.float64)
+    half_turns = torch.stack([torch.sin(tilts / 2), 0 * tilts, 0 * tilts, torch.cos(tilts / 2)], dim=-1)
+    torch.testing.assert_close(axis_angle(half_turns)[:, 0], tilts)
+    assert axis_angle_from_quat(half_turns)[:, 0].tolist() == pytest.approx([np.pi - 0.01, -(np.pi - 0.01)])
