@@ -50,6 +50,8 @@ class Args:
 def record(args: Args) -> Path:
     if args.action_noise < 0:
         raise ValueError(f"--action-noise must be >= 0, got {args.action_noise}")
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
     env = make_env(args.env)
     if env.num_views != 2:
         raise ValueError(f"record_demos needs the stack-cube camera task, got {env.task!r}")

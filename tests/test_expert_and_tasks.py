@@ -98,6 +98,8 @@ def test_noisy_execution_records_the_experts_own_actions(tmp_path):
     assert set(np.unique(noisy.action[:, 6])) <= {-1.0, 1.0}
     with pytest.raises(ValueError, match="--action-noise must be >= 0"):
         record_demos.record(record_demos.Args(out=tmp_path / "bad", action_noise=-0.1))
+    with pytest.raises(ValueError, match="--episodes must be >= 1, got 0"):
+        record_demos.record(record_demos.Args(out=tmp_path / "bad", episodes=0))
 
 
 def test_the_idle_action_holds_the_robot_still_after_a_reset():
