@@ -40,6 +40,12 @@ STATE_SLICES = {"x": (0, 1), "y": (1, 2), "z": (2, 3), "roll": (3, 4), "pitch": 
 ACTION_SLICES = {"x": (0, 1), "y": (1, 2), "z": (2, 3), "roll": (3, 4), "pitch": (4, 5), "yaw": (5, 6), "gripper": (6, 7)}
 VIDEO_KEYS = {"image": "observation.images.image", "wrist_image": "observation.images.wrist_image"}
 
+# imageio-ffmpeg starts every ffmpeg with preexec_fn=os.setpgrp (to keep Ctrl-C from the child), and with a
+# preexec_fn Python must fork() where it would vfork(): a fork copies the page tables, so each video costs more the
+# more memory the process holds, and SFT's loader holds every decoded frame (tens of GB). imageio-ffmpeg's own switch
+# turns that off (benchmarks/demo_loading.py measures both).
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 
 def _stats(x: np.ndarray) -> dict[str, list[float]]:
     x = x.astype(np.float64)

@@ -10,6 +10,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import demo_loading  # noqa: E402
 import eval as eval_script  # noqa: E402
 import loop_throughput  # noqa: E402
 import scaling  # noqa: E402
@@ -20,6 +21,7 @@ import stack_cube_sft_rl  # noqa: E402
 import train as train_script  # noqa: E402
 from algos import grpo, ppo, sft  # noqa: E402
 from envs import record_demos  # noqa: E402
+from envs.lerobot import LeRobotWriter  # noqa: E402
 
 
 def test_scaling_summary_skips_warmup_and_sums_time():
@@ -324,3 +326,30 @@ def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
     assert "| crop8 | yes | 8 | 0.312 [0.259, 0.372] (256 ep) | 0.900 | 0.312 |" in markdown
     with pytest.raises(SystemExit, match="results.json is missing"):
         sft_levers.main(sft_levers.Args(runs=[tmp_path / "nowhere"], out=tmp_path / "levers"))
+
+
+def test_demo_loading_decodes_every_episode_both_ways_and_restores_the_switch(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv(demo_loading.SWITCH, "1")
+    writer = LeRobotWriter(tmp_path / "ds", fps=20, image_size=16)
+    for length in (3, 5):
+        images = {k: np.zeros((length, 16, 16, 3), np.uint8) for k in ("image", "wrist_image")}
+        writer.add_episode(images, np.zeros((length, 8), np.float32), np.zeros((length, 7), np.float32), "t")
+    writer.close()
+    rows = demo_loading.main(demo_loading.Args(dataset=tmp_path / "ds", held_gb=(0.0, 0.01), out=tmp_path / "out"))
+    assert [r["held_gb"] for r in rows] == [0.0, 0.01]
+    assert all(r["fork_s"] > 0 and r["vfork_s"] > 0 for r in rows)
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "(2 episodes of `ds`, 2 videos each)" in markdown and "| 0.01 GB |" in markdown
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"] == rows
+    assert demo_loading.os.environ[demo_loading.SWITCH] == "1"
+
+
+def test_demo_loading_refuses_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="is not a LeRobot v2 dataset"):
+        demo_loading.check(demo_loading.Args(dataset=tmp_path))
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "info.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--held-gb must be 0 or more"):
+        demo_loading.check(demo_loading.Args(dataset=tmp_path, held_gb=(-1.0,)))

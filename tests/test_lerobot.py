@@ -92,3 +92,14 @@ def test_label_columns_round_trip_and_stay_the_same_in_every_episode(tmp_path):
     for i, phase in enumerate(phases):
         np.testing.assert_array_equal(dataset.episode(i).labels["leanvla.phase"], phase)
         np.testing.assert_array_equal(dataset.labels(i)["leanvla.phase"], phase)
+
+
+def test_videos_are_decoded_by_an_ffmpeg_started_without_a_preexec_fn():
+    # With a preexec_fn Python forks the whole process for each ffmpeg, a cost that grows with the frames SFT's loader
+    # already holds (benchmarks/demo_loading.py); envs.lerobot turns imageio-ffmpeg's off.
+    import os
+
+    from imageio_ffmpeg._utils import _popen_kwargs
+
+    assert os.environ["IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"] == "1"
+    assert _popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
