@@ -155,6 +155,15 @@ def test_color_jitter_in_gr00t_ranges():
     assert torch.equal(sft.color_jitter(gray), out)  # torch's global RNG decides (checkpoints save it)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_random_crop_shift_on_the_gpu_equals_the_cpu():
+    # SFT crops where the model runs; the same generator state gives the same crop there
+    rgb = torch.randint(0, 256, (16, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_cpu = sft.random_crop_shift(rgb, 0.95, torch.Generator().manual_seed(1))
+    on_gpu = sft.random_crop_shift(rgb.cuda(), 0.95, torch.Generator().manual_seed(1))
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+
+
 def test_sft_with_augmentations_augments_every_batch(tmp_path, monkeypatch):
     root = _write_dataset(tmp_path / "ds", episodes=1, length=8)
     calls, crop, jitter = [], sft.random_crop_shift, sft.color_jitter
