@@ -85,8 +85,11 @@ def main(args: Args) -> list[dict]:
             print(f"held {held_gb:g} GB: fork {row['fork_s']:.3f} s, vfork {row['vfork_s']:.3f} s per episode",
                   flush=True)
             rows.append(row)
-    finally:
-        os.environ.pop(SWITCH, None) if saved is None else os.environ.__setitem__(SWITCH, saved)
+    finally:  # leave this process's own setting as it was
+        if saved is None:
+            os.environ.pop(SWITCH, None)
+        else:
+            os.environ[SWITCH] = saved
     info = json.loads((args.dataset / "meta" / "info.json").read_text())
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     lines = [f"Seconds to decode one episode ({info['total_episodes']} episodes of `{args.dataset.name}`, "
