@@ -61,7 +61,8 @@ class Args:
     """Seed of SFT and of the RL runs."""
     task: str = "Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor"
     """Camera task with a scripted expert: stack-cube's first pick alone (160 steps; the default, since SFT on
-    full stack-cube reached 0 % here), or `IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor` (448 steps)."""
+    full stack-cube has reached 0.4 % here so far: too few successes for RL to reinforce), or
+    `IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor` (448 steps)."""
     image_size: int = 128
     """Camera size (pixels) for demos, training and eval. GR00T resizes every view to its 224 px input."""
     max_episode_steps: int | None = None
@@ -93,6 +94,9 @@ class Args:
     """Augment SFT's views with GR00T's training colour jitter (train.py sft --color-jitter)."""
     sft_compile: bool = False
     """Regional torch.compile of GR00T's blocks during SFT (train.py sft --compile): more steps per minute."""
+    sft_minutes: float | None = None
+    """Time budget of SFT (train.py sft --max-minutes: it stops, with a checkpoint and the export, after the step
+    that crosses it; the schedule still spans --sft-iterations). None: the steps decide."""
     sft_run: Path | None = None
     """Start RL from this existing SFT run (and evaluate it as `sft`) instead of <out>/sft, e.g. to compare RL
     settings from one SFT model, one --out each. Not with the sft phase."""
@@ -275,6 +279,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   *(["--random-crop"] if args.sft_random_crop else []),
                                   *(["--color-jitter"] if args.sft_color_jitter else []),
                                   *(["--compile"] if args.sft_compile else []),
+                                  *([] if args.sft_minutes is None else ["--max-minutes", str(args.sft_minutes)]),
                                   "--device", args.device, *task_flags(args)))]
     if phase == "rl":
         refuse_existing([args.out / name for name in rl_runs(args)])

@@ -79,7 +79,7 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     args = stack_cube_sft_rl.Args(out=tmp_path, image_size=64, max_episode_steps=100, ppo_learning_rates=[1e-5, 3e-5],
                                   grpo_learning_rate=1e-5, ppo_num_minibatches=4, grpo_num_minibatches=8,
                                   ppo_flags="--gamma 0.95", sft_random_crop=True, sft_color_jitter=True,
-                                  sft_compile=True, eval_action_exec_horizon=8,
+                                  sft_compile=True, sft_minutes=12.5, eval_action_exec_horizon=8,
                                   demo_action_noise=0.02)
     (demos,) = stack_cube_sft_rl.phase_jobs("demos", args)
     demo_args = tyro.cli(record_demos.Args, args=demos.cmd[3:])
@@ -88,7 +88,9 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     (sft_job,) = stack_cube_sft_rl.phase_jobs("sft", args)
     sft_cfg = train_script.parse(sft_job.cmd[2:])
     assert isinstance(sft_cfg, sft.SFTConfig) and sft_cfg.env.image_size == 64 and sft_cfg.dataset == str(tmp_path / "demos")
-    assert sft_cfg.random_crop and sft_cfg.color_jitter and sft_cfg.compile
+    assert sft_cfg.random_crop and sft_cfg.color_jitter and sft_cfg.compile and sft_cfg.max_minutes == 12.5
+    (default_sft,) = stack_cube_sft_rl.phase_jobs("sft", stack_cube_sft_rl.Args(out=tmp_path / "defaults"))
+    assert train_script.parse(default_sft.cmd[2:]).max_minutes is None  # the steps decide
     rl = {job.name: train_script.parse(job.cmd[2:]) for job in stack_cube_sft_rl.phase_jobs("rl", args)}
     assert sorted(rl) == ["grpo_lr1e-05", "ppo_lr1e-05", "ppo_lr3e-05"]
     assert isinstance(rl["grpo_lr1e-05"], grpo.GRPOConfig) and rl["ppo_lr3e-05"].learning_rate == 3e-5
