@@ -1,11 +1,13 @@
-"""SFT speed: frames/s of `train.py sft`, eager against `--compile`, per GR00T preset, on one dataset.
+"""SFT speed: frames/s of `train.py sft`, eager against `--compile`, per GR00T preset and batch size, on one dataset.
 
     python -m envs.record_demos --out runs/demos8 --episodes 8 --env.image-size 128
     python benchmarks/sft_throughput.py --dataset runs/demos8 --policies gr00t-small --iterations 300 \
         --out runs/sft_throughput
+    python benchmarks/sft_throughput.py --dataset runs/demos8 --batch-sizes 64 256 --blocks compile \
+        --out runs/sft_batch                                                   # compiled, by batch size
 
-Each run is its own `train.py sft` process (a fresh compile cache for every compiled run) with the same seed,
-batch and flags; its log goes to <out>/runs/<policy>_<eager|compile>/. Frames/s is the batch times the steps
+Each run is its own `train.py sft` process (a fresh compile cache for every compiled run) with the same seed and
+flags; its log goes to <out>/runs/<policy>_b<batch>_<eager|compile>/. Frames/s is the batch times the steps
 between the first logged step at or after --warmup and the last one, over the wall time between their log
 lines: the steady state, without loading the demos, the one-off compile or the final export. The mean SFT loss over
 the last --loss-window logged steps of each run shows that the compiled blocks train as the eager ones do (the
@@ -22,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -38,8 +41,10 @@ class Args:
     """SFT steps per run."""
     warmup: int = 100
     """Steps left out of the timing (the first steps hold the one-off compile)."""
-    batch_size: int = 64
-    """Frames per step."""
+    batch_sizes: tuple[int, ...] = (64,)
+    """Frames per step: one run per batch size (and per entry of --blocks)."""
+    blocks: tuple[Literal["eager", "compile"], ...] = ("eager", "compile")
+    """GR00T's blocks as they are, and/or regionally compiled (train.py sft --compile)."""
     tune_visual: bool = True
     """Train the vision tower too (train.py sft --tune-visual)."""
     random_crop: bool = True
@@ -57,6 +62,10 @@ class Args:
 
 
 def check(args: Args) -> None:
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise SystemExit(f"error: --batch-sizes needs one or more positive sizes, got {list(args.batch_sizes)}")
+    if not args.blocks:
+        raise SystemExit("error: --blocks needs eager, compile or both")
     if args.warmup >= args.iterations - 10:
         raise SystemExit(f"error: --warmup {args.warmup} leaves fewer than the 10 logged steps needed for a rate "
                          f"out of --iterations {args.iterations}")
@@ -74,44 +83,46 @@ def steady_frames_per_s(metrics: list[dict], warmup: int, batch_size: int) -> fl
     return batch_size * (last["step"] - first["step"]) / (last["time"] - first["time"])
 
 
-def sft_command(args: Args, policy: str, compile: bool, run_dir: Path) -> list[str]:
+def sft_command(args: Args, policy: str, batch_size: int, compile: bool, run_dir: Path) -> list[str]:
     """`train.py sft` of one timed run."""
     return [sys.executable, "train.py", "sft", "--dataset", str(args.dataset), "--policy", policy,
-           "--num-iterations", str(args.iterations), "--batch-size", str(args.batch_size), "--seed", "0",
+           "--num-iterations", str(args.iterations), "--batch-size", str(batch_size), "--seed", "0",
            "--log-every", "10", "--save-every", str(args.iterations), "--run-dir", str(run_dir),
            "--device", args.device, "--env.task", args.task, "--env.image-size", str(args.image_size),
            *(["--tune-visual"] if args.tune_visual else []), *(["--random-crop"] if args.random_crop else []),
            *(["--compile"] if compile else [])]
 
 
-def run_sft(args: Args, policy: str, compile: bool) -> dict:
+def run_sft(args: Args, policy: str, batch_size: int, compile: bool) -> dict:
     """One `train.py sft` process; its steady frames/s, final loss and wall time."""
-    run_dir = args.out / "runs" / f"{policy}_{'compile' if compile else 'eager'}"
+    name = f"{policy} batch {batch_size} {'compile' if compile else 'eager'}"
+    run_dir = args.out / "runs" / f"{policy}_b{batch_size}_{'compile' if compile else 'eager'}"
     if run_dir.exists():
         raise SystemExit(f"error: {run_dir} already exists; remove it or pick another --out")
-    cmd = sft_command(args, policy, compile, run_dir)
+    cmd = sft_command(args, policy, batch_size, compile, run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}.log"
-    print(f"[{time.strftime('%H:%M:%S')}] {policy} {'compile' if compile else 'eager'}: {' '.join(cmd)}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as f:
         code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if code != 0:
-        raise SystemExit(f"error: SFT of {policy} ({'compile' if compile else 'eager'}) failed; see {log}")
+        raise SystemExit(f"error: SFT of {name} failed; see {log}")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["sft/loss"] for m in metrics if "sft/loss" in m][-args.loss_window:]
-    return {"policy": policy, "compile": compile,
-            "frames_per_s": steady_frames_per_s(metrics, args.warmup, args.batch_size),
+    return {"policy": policy, "batch_size": batch_size, "compile": compile,
+            "frames_per_s": steady_frames_per_s(metrics, args.warmup, batch_size),
             "final_loss": sum(losses) / len(losses), "wall_s": time.perf_counter() - started}
 
 
 def main(args: Args) -> list[dict]:
     check(args)
-    rows = [run_sft(args, policy, compile) for policy in args.policies for compile in (False, True)]
-    for row in rows:
-        eager = next(r for r in rows if r["policy"] == row["policy"] and not r["compile"])
-        row["speedup"] = row["frames_per_s"] / eager["frames_per_s"]
+    rows = [run_sft(args, policy, batch_size, blocks == "compile")
+            for policy in args.policies for batch_size in args.batch_sizes for blocks in args.blocks]
+    for row in rows:  # against the policy's first run: its first batch size, eager if that was run
+        first = next(r for r in rows if r["policy"] == row["policy"])
+        row["speedup"] = row["frames_per_s"] / first["frames_per_s"]
     device = args.device
     if args.device.startswith("cuda"):
         import torch
@@ -119,13 +130,15 @@ def main(args: Args) -> list[dict]:
         device = torch.cuda.get_device_name(0)
     info = json.loads((args.dataset / "meta" / "info.json").read_text())
     lines = [f"`train.py sft` on {info.get('total_frames', '?')} frames of `{args.task}` ({args.image_size} px), "
-             f"batch {args.batch_size}, {args.iterations} steps (timed after step {args.warmup}), vision tower "
+             f"{args.iterations} steps (timed after step {args.warmup}), vision tower "
              f"{'trained' if args.tune_visual else 'frozen'}, random crop {'on' if args.random_crop else 'off'}; "
-             f"{device}.", "",
-             "| policy | blocks | frames/s | speed-up | mean loss, last logged steps | wall time (load, compile, export) |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['policy']} | {'compiled' if r['compile'] else 'eager'} | {r['frames_per_s']:.0f} | "
-              f"{r['speedup']:.2f}x | {r['final_loss']:.4f} | {r['wall_s']:.0f} s |" for r in rows]
+             f"{device}. Speed-up: against the policy's first row.", "",
+             "| policy | batch | blocks | frames/s | steps/s | speed-up | mean loss, last logged steps | "
+             "wall time (load, compile, export) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['policy']} | {r['batch_size']} | {'compiled' if r['compile'] else 'eager'} | "
+              f"{r['frames_per_s']:.0f} | {r['frames_per_s'] / r['batch_size']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['final_loss']:.4f} | {r['wall_s']:.0f} s |" for r in rows]
     markdown = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(markdown)

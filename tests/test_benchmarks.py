@@ -270,11 +270,11 @@ def test_sft_throughput_times_the_steady_steps_hand_computed():
 
 
 def test_sft_throughput_commands_are_valid_and_differ_only_in_compile(tmp_path):
-    args = sft_throughput.Args(dataset=tmp_path / "demos", policies=("gr00t-tiny",), iterations=50, batch_size=4,
+    args = sft_throughput.Args(dataset=tmp_path / "demos", policies=("gr00t-tiny",), iterations=50,
                                random_crop=False)
     configs = {}
     for compile in (False, True):
-        cmd = sft_throughput.sft_command(args, "gr00t-tiny", compile, tmp_path / "run")
+        cmd = sft_throughput.sft_command(args, "gr00t-tiny", 4, compile, tmp_path / "run")
         assert cmd[1:3] == ["train.py", "sft"]
         configs[compile] = train_script.parse(cmd[2:])
     eager, compiled = configs[False], configs[True]
@@ -284,11 +284,35 @@ def test_sft_throughput_commands_are_valid_and_differ_only_in_compile(tmp_path):
     assert {**vars(eager), "compile": True} == vars(compiled)
 
 
+def test_sft_throughput_runs_every_batch_size_and_blocks_and_compares_with_the_first(tmp_path, monkeypatch):
+    (tmp_path / "demos" / "meta").mkdir(parents=True)
+    (tmp_path / "demos" / "meta" / "info.json").write_text(json.dumps({"total_frames": 3071}))
+    runs = []
+
+    def fake_run(args, policy, batch_size, compile):  # frames/s: 100 per 64 frames of batch, x1.5 compiled
+        runs.append((policy, batch_size, compile))
+        return {"policy": policy, "batch_size": batch_size, "compile": compile,
+                "frames_per_s": 100.0 * batch_size / 64 * (1.5 if compile else 1.0), "final_loss": 0.5, "wall_s": 60.0}
+
+    monkeypatch.setattr(sft_throughput, "run_sft", fake_run)
+    rows = sft_throughput.main(sft_throughput.Args(dataset=tmp_path / "demos", batch_sizes=(64, 256),
+                                                   blocks=("compile",), device="cpu", out=tmp_path / "out"))
+    assert runs == [("gr00t-small", 64, True), ("gr00t-small", 256, True)]
+    assert [r["speedup"] for r in rows] == [1.0, 4.0]
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| gr00t-small | 256 | compiled | 600 | 2.3 | 4.00x | 0.5000 | 60 s |" in markdown
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["args"]["batch_sizes"] == [64, 256]
+
+
 def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
     with pytest.raises(SystemExit, match="--warmup 95 leaves fewer than the 10 logged steps"):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=95))
     with pytest.raises(SystemExit, match="is not a LeRobot v2 dataset"):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=10))
+    with pytest.raises(SystemExit, match="--batch-sizes needs one or more positive sizes, got \\[64, 0\\]"):
+        sft_throughput.check(sft_throughput.Args(dataset=tmp_path, batch_sizes=(64, 0)))
+    with pytest.raises(SystemExit, match="--blocks needs eager, compile or both"):
+        sft_throughput.check(sft_throughput.Args(dataset=tmp_path, blocks=()))
 
 
 def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int | None) -> Path:
