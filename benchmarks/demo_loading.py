@@ -25,6 +25,9 @@ from pathlib import Path
 
 import tyro
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SWITCH = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
 STARTS = {"fork": "0", "vfork": "1"}  # imageio-ffmpeg's default; leanvla's (envs/lerobot.py)
@@ -49,7 +52,6 @@ def check(args: Args) -> None:
 
 def seconds_per_episode(dataset: str, held_gb: float) -> float:
     """In this process: fill `held_gb` of memory, then decode every episode of `dataset` once; mean seconds each."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from envs.lerobot import LeRobotDataset
@@ -98,10 +100,7 @@ def main(args: Args) -> list[dict]:
              "| memory held | fork (imageio-ffmpeg's default) | vfork (leanvla) |", "|---:|---:|---:|"]
     lines += [f"| {r['held_gb']:g} GB | {r['fork_s']:.3f} s | {r['vfork_s']:.3f} s |" for r in rows]
     markdown = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps({"machine": machine, "args": asdict(args), "rows": rows},
-                                                      indent=1, default=str))
+    write_results(args.out, markdown, {"machine": machine, "args": asdict(args), "rows": rows})
     print(markdown)
     return rows
 

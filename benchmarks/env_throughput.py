@@ -10,9 +10,9 @@ writes it, with a JSON of every number, to `--out`.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 import tyro
 
-from envs import EnvConfig, make_env
-from envs.expert import StackExpert
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
+from envs import EnvConfig, make_env  # noqa: E402
+from envs.expert import StackExpert  # noqa: E402
 
 
 @dataclass
@@ -151,9 +153,8 @@ def main(args: Args) -> None:
                   f"(mean successful episode {expert['mean_length_successful']:.0f} steps)."]
     table = "\n".join(lines)
     print(table)
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps({"device": device, "args": asdict(args) | {"out": str(args.out)},
-                                                      "throughput": rows, "expert": expert}, indent=2))
+    write_results(args.out, table + "\n", {"device": device, "args": asdict(args), "throughput": rows,
+                                           "expert": expert})
 
 
 if __name__ == "__main__":

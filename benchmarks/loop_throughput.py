@@ -19,7 +19,6 @@ runs.tar.gz at the end).
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -33,7 +32,9 @@ from pathlib import Path
 
 import tyro
 
-from benchmarks.scaling import device_name, read_jsonl
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
+from benchmarks.scaling import device_name, read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,9 +187,7 @@ def main(args: Args) -> list[dict]:
 def write_results(rows: list[dict], args: Args) -> str:
     device = device_name(args.device).replace(" on one host", "") if args.device == "cuda" else device_name("cpu")
     markdown = table(rows, args, device)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps({"device": device, "args": asdict(args), "rows": rows},
-                                                      indent=1, default=str))
+    write_results(args.out, markdown, {"device": device, "args": asdict(args), "rows": rows})
     return markdown
 
 

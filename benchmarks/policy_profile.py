@@ -12,15 +12,18 @@ after --warmup. Prints the tables and writes them to OUT/results.md.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
 import tyro
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.policy_throughput import INSTRUCTION, observations, synthetic_metadata
-from models.gr00t import Gr00tConfig, Gr00tPolicy
-from models.gr00t_fast import accelerate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.policy_throughput import INSTRUCTION, observations, synthetic_metadata  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
+from models.gr00t import Gr00tConfig, Gr00tPolicy  # noqa: E402
+from models.gr00t_fast import accelerate  # noqa: E402
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::convolution", "aten::mkldnn_convolution"}  # CPU ops
 
@@ -94,8 +97,7 @@ def main(args: Args) -> str:
         lines += ["", *op_table(policy, params, obs, generator, args)]
     table = "\n".join(lines) + "\n"
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table)
+    write_results(args.out, table, None)
     return table
 
 

@@ -12,9 +12,9 @@ One `sample` = one observation -> one 16-action chunk (backbone once, 4 denoisin
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -23,9 +23,11 @@ from typing import Literal
 import torch
 import tyro
 
-from models.gr00t import Gr00tConfig, Gr00tPolicy
-from models.gr00t_fast import accelerate
-from models.gr00t_processor import metadata_from_data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
+from models.gr00t import Gr00tConfig, Gr00tPolicy  # noqa: E402
+from models.gr00t_fast import accelerate  # noqa: E402
+from models.gr00t_processor import metadata_from_data  # noqa: E402
 
 INSTRUCTION = "Stack the red block on the blue block, then stack the green block on the red block."
 # Dense bf16 tensor-core peaks (FLOP/s), for model FLOPs utilisation.
@@ -226,9 +228,7 @@ def main(args: Args) -> dict:
 
     table = render(results, rows)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_results(args.out, table, results)
     return results
 
 

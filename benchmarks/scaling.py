@@ -30,6 +30,9 @@ from pathlib import Path
 
 import tyro
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -170,9 +173,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def write_results(rows: list[dict], args: Args) -> list[dict]:
     name = args.device_label or device_name(args.device)
     markdown = table(rows, args, name)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps({"device": name, "args": asdict(args), "rows": rows}, indent=1,
-                                                      default=str))
+    write_results(args.out, markdown, {"device": name, "args": asdict(args), "rows": rows})
     print(markdown)
     return rows
 

@@ -12,10 +12,14 @@ episodes that reached each milestone. Writes results.md and results.json under -
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
 
 # setting name -> where it is in a results.json (the SFT config, the demos, the pipeline's eval arguments)
 SETTINGS = {
@@ -101,9 +105,7 @@ def main(args: Args) -> list[dict]:
         raise SystemExit("error: name at least one stack_cube_sft_rl.py output folder")
     rows = [load(run) for run in args.runs]
     markdown = table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out, markdown, rows)
     print(markdown)
     return rows
 

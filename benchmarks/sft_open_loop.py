@@ -36,6 +36,7 @@ from algos.checkpoint import find_checkpoint, load_params_into  # noqa: E402
 from algos.config import ConfigError, config_from_dict  # noqa: E402
 from algos.distributed import setup_distributed  # noqa: E402
 from algos.run import uses_bf16  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
 from envs.expert import ACTION_SCALE, PHASE_NAMES  # noqa: E402
 from envs.lerobot import LeRobotDataset  # noqa: E402
 
@@ -139,10 +140,8 @@ def main(args: Args) -> list[dict]:
     lines += [f"| {r['phase']} | {r['frames']} | {r['translation_mm']:.1f} | {r['first_move_mm']:.1f} | "
               f"{r['rotation_deg']:.2f} | {r['gripper_agreement']:.3f} | {r['expert_move_mm']:.1f} |" for r in rows]
     markdown = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps({"checkpoint": str(ckpt), "dataset": str(root),
-                                                       "args": vars(args), "rows": rows}, indent=1, default=str))
+    write_results(args.out, markdown, {"checkpoint": str(ckpt), "dataset": str(root), "args": vars(args),
+                                       "rows": rows})
     print(markdown)
     return rows
 

@@ -28,6 +28,9 @@ from typing import Literal
 
 import tyro
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -140,10 +143,7 @@ def main(args: Args) -> list[dict]:
               f"{r['frames_per_s']:.0f} | {r['frames_per_s'] / r['batch_size']:.1f} | {r['speedup']:.2f}x | "
               f"{r['final_loss']:.4f} | {r['wall_s']:.0f} s |" for r in rows]
     markdown = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown)
-    (args.out / "results.json").write_text(json.dumps({"device": device, "args": asdict(args), "rows": rows},
-                                                      indent=1, default=str))
+    write_results(args.out, markdown, {"device": device, "args": asdict(args), "rows": rows})
     print(markdown)
     return rows
 

@@ -2,6 +2,8 @@
 scaling arithmetic matches a hand computation."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,6 +75,30 @@ def test_loop_throughput_summary_and_table_hand_computed(tmp_path):
     cfg = train_script.parse(cmd[2:])
     assert isinstance(cfg, ppo.PPOConfig) and cfg.env.num_envs == 64 and cfg.pipeline_stages == 2
     assert cfg.compile and cfg.cuda_graphs and cfg.num_steps == 4 and cfg.policy == "gr00t-n1.5-3b"
+
+
+SCRIPTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py") if p.name != "report.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.stem for p in SCRIPTS])
+def test_every_benchmark_runs_as_a_file_from_anywhere(script, tmp_path):
+    # as the docs run them, `python benchmarks/<name>.py`, but from another folder and without PYTHONPATH: each
+    # script finds the repository's packages itself
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
+
+
+def test_write_results_writes_the_table_and_the_numbers(tmp_path):
+    from benchmarks.report import write_results
+
+    write_results(tmp_path / "a" / "b", "| x |\n", {"path": tmp_path, "rows": [1.5]})
+    assert (tmp_path / "a" / "b" / "results.md").read_text() == "| x |\n"
+    assert json.loads((tmp_path / "a" / "b" / "results.json").read_text()) == {"path": str(tmp_path), "rows": [1.5]}
+    write_results(tmp_path / "c", "table\n", None)
+    assert (tmp_path / "c" / "results.md").is_file() and not (tmp_path / "c" / "results.json").exists()
 
 
 def test_stack_cube_pipeline_commands_are_valid(tmp_path):
