@@ -169,7 +169,7 @@ def main(args: Args) -> list[dict]:
                        **summarize(read_jsonl(args.out / f"metrics_{name}.jsonl"), args.warmup)}
                 row["gpu_util"] = gpu.mean(row["timed_from"], row["timed_to"]) if gpu else None
                 rows.append(row)
-                write_results(rows, args)  # what was measured stays if a later run fails or the machine goes
+                write_report(rows, args)  # what was measured stays if a later run fails or the machine goes
                 print(f"[loop] {name}: {row['env_steps_per_s']:,.0f} env-steps/s, rollout {row['rollout_s']:.2f} s "
                       f"(policy {row['policy_s']:.2f}, env {row['env_s']:.2f}), update {row['update_s']:.2f} s, "
                       f"GPU util {row['gpu_util']}", flush=True)
@@ -180,11 +180,11 @@ def main(args: Args) -> list[dict]:
         for path in sorted(args.out.glob("metrics_*.jsonl")) + sorted(args.out.glob("train_*.log")):
             tar.add(path, arcname=path.name)
             path.unlink()
-    print(write_results(rows, args))
+    print(write_report(rows, args))
     return rows
 
 
-def write_results(rows: list[dict], args: Args) -> str:
+def write_report(rows: list[dict], args: Args) -> str:
     device = device_name(args.device).replace(" on one host", "") if args.device == "cuda" else device_name("cpu")
     markdown = table(rows, args, device)
     write_results(args.out, markdown, {"device": device, "args": asdict(args), "rows": rows})

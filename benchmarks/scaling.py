@@ -139,7 +139,7 @@ def main(args: Args) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         rows = [summarize(read_jsonl(args.out / f"metrics_{n}gpu.jsonl"), args.warmup, n) for n in args.gpus]
-        return write_results(rows, args)
+        return write_report(rows, args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see the device notes)
     rows = []
@@ -161,7 +161,7 @@ def main(args: Args) -> list[dict]:
         shutil.copy(run_dir / "metrics.jsonl", args.out / f"metrics_{n}gpu.jsonl")  # what --report-only reads
         if not args.keep_runs:
             shutil.rmtree(run_dir)
-    return write_results(rows, args)
+    return write_report(rows, args)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -170,7 +170,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def write_results(rows: list[dict], args: Args) -> list[dict]:
+def write_report(rows: list[dict], args: Args) -> list[dict]:
     name = args.device_label or device_name(args.device)
     markdown = table(rows, args, name)
     write_results(args.out, markdown, {"device": name, "args": asdict(args), "rows": rows})

@@ -48,6 +48,18 @@ def test_scaling_efficiency_in_the_table():
     assert "| 4 | 3,600 |" in table and "| 90 % |" in table
 
 
+def test_scaling_report_only_rebuilds_the_results_from_the_metrics(tmp_path):
+    for n, seconds in ((1, 2.0), (2, 2.5)):  # 2 iterations of 1000 env steps per GPU; the first is warm-up
+        (tmp_path / f"metrics_{n}gpu.jsonl").write_text("\n".join(json.dumps(
+            {"step": 1000 * n * (i + 1), "perf/rollout_time": seconds, "perf/update_time": 0.0,
+             "perf/peak_memory_gb": 1.0}) for i in range(2)))
+    rows = scaling.main(scaling.Args(gpus=[1, 2], iterations=2, warmup=1, report_only=True, out=tmp_path,
+                                     device_label="test GPU"))
+    assert [r["env_steps_per_s"] for r in rows] == [500.0, 800.0]
+    assert "| 2 | 800 | 2.50 | 0.00 | 80 % |" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["device"] == "test GPU"
+
+
 def test_scaling_command_is_a_valid_train_command(tmp_path):
     args = scaling.Args(envs_per_gpu=8, gr00t_tokenizer="/tok", extra="--gamma 0.9")
     cmd = scaling.train_command(args, 4, tmp_path / "run")
@@ -71,6 +83,10 @@ def test_loop_throughput_summary_and_table_hand_computed(tmp_path):
     assert "| 64 | 2 | **1,638** | 2.00 | 0.50 | 1.00 | 1.00 | 4,096 | 4,096 | 50 % |" in table
     with pytest.raises(RuntimeError, match="need more than --warmup 3"):
         loop_throughput.summarize(records, warmup=3)
+    markdown = loop_throughput.write_report([{"num_envs": 64, "stages": 2, **row, "gpu_util": 50.0}],
+                                            loop_throughput.Args(device="cpu", out=tmp_path / "out"))
+    assert (tmp_path / "out" / "results.md").read_text() == markdown and "| **1,638** |" in markdown
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]["env_steps_per_iter"] == 4096
     cmd = loop_throughput.train_command(loop_throughput.Args(gr00t_tokenizer="/tok"), 64, 2, tmp_path / "run")
     cfg = train_script.parse(cmd[2:])
     assert isinstance(cfg, ppo.PPOConfig) and cfg.env.num_envs == 64 and cfg.pipeline_stages == 2
