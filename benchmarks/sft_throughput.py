@@ -123,7 +123,7 @@ def main(args: Args) -> list[dict]:
     check(args)
     rows = [run_sft(args, policy, batch_size, blocks == "compile")
             for policy in args.policies for batch_size in args.batch_sizes for blocks in args.blocks]
-    for row in rows:  # against the policy's first run: its first batch size, eager if that was run
+    for row in rows:  # against the policy's first run: its first batch size and first --blocks entry
         first = next(r for r in rows if r["policy"] == row["policy"])
         row["speedup"] = row["frames_per_s"] / first["frames_per_s"]
     device = args.device
