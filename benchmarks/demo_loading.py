@@ -28,7 +28,6 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import write_results  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SWITCH = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
 STARTS = {"fork": "0", "vfork": "1"}  # imageio-ffmpeg's default; leanvla's (envs/lerobot.py)
 

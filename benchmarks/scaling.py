@@ -30,10 +30,9 @@ from pathlib import Path
 
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from benchmarks.report import write_results  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

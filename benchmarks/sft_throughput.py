@@ -28,10 +28,9 @@ from typing import Literal
 
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.report import write_results  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.report import write_results  # noqa: E402
 
 
 @dataclass

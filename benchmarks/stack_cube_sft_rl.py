@@ -39,10 +39,10 @@ from typing import Literal
 
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 from algos.checkpoint import find_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("demos", "sft", "rl", "eval", "report")
 
 
