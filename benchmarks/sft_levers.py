@@ -5,8 +5,9 @@ the runs differ.
 
 Each run folder holds the results.json of the pipeline's report phase, which records how its SFT model was made
 (the SFT run's config, the demos' size and recording) and how it was evaluated. The table has a column for each
-setting whose value is not the same in every run, then the SFT success with its 95 % interval and the share of
-episodes that reached each milestone. Writes results.md and results.json under --out.
+setting whose value is not the same in every run (among them "passes": SFT steps x batch / demo frames), then the SFT
+success with its 95 % interval and the share of episodes that reached each milestone. Writes results.md and
+results.json under --out.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def shown(name: str, value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def with_passes(settings: dict, frames: int | None) -> dict:
+    """`settings` with "passes" (SFT steps x batch / demo frames, how often the SFT saw each frame) after "batch";
+    None where the demos' frame count is unknown."""
+    steps, batch = settings["SFT steps"], settings["batch"]
+    passes = round(steps * batch / frames, 2) if frames and steps and batch else None
+    names = list(settings)
+    names.insert(names.index("batch") + 1, "passes")
+    return {name: passes if name == "passes" else settings[name] for name in names}
+
+
 def load(run: Path) -> dict:
     path = run / "results.json"
     if not path.is_file():
@@ -78,15 +89,17 @@ def load(run: Path) -> dict:
     sft = next((r for r in results["rows"] if r["model"] == "sft"), None)
     if sft is None:
         raise SystemExit(f"error: {path} has no evaluated SFT model: run its eval phase first")
-    return {"run": str(run), "settings": {name: lookup(results, where) for name, where in SETTINGS.items()},
+    settings = {name: lookup(results, where) for name, where in SETTINGS.items()}
+    return {"run": str(run), "settings": with_passes(settings, lookup(results, ("sft_recipe", "demos", "frames"))),
             "success_rate": sft["success_rate"], "episodes": sft["episodes"], "ci95": sft["ci95"],
             "milestone_rates": sft["milestone_rates"], "device": results["device"]}
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: the settings that differ between the rows, success [95 % interval], milestones."""
-    varied = [name for name in SETTINGS if len({json.dumps(r["settings"][name]) for r in rows}) > 1]
-    same = {name: rows[0]["settings"][name] for name in SETTINGS if name not in varied}
+    names = list(rows[0]["settings"])
+    varied = [name for name in names if len({json.dumps(r["settings"][name]) for r in rows}) > 1]
+    same = {name: rows[0]["settings"][name] for name in names if name not in varied}
     milestones = list(dict.fromkeys(m for r in rows for m in r["milestone_rates"]))
     lines = ["Shared by every run: " + ", ".join(f"{name} {shown(name, v)}" for name, v in same.items()) + "; "
              + ", ".join(sorted({r["device"] for r in rows})) + ".", "",

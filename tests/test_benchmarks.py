@@ -386,8 +386,10 @@ def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
     assert recipe["demos"] == {"episodes": 600, "frames": 220_000, "recording": {"action_noise": 0.01}}
     rows = sft_levers.main(sft_levers.Args(runs=runs, out=tmp_path / "levers"))
     assert [r["settings"]["random crop"] for r in rows] == [False, True, True]
+    assert rows[0]["settings"]["passes"] == 0.73  # 2500 steps x 64 / 220,000 frames
     markdown = (tmp_path / "levers" / "results.md").read_text()
-    assert markdown.startswith("Shared by every run: demos 600, demo noise 0.01, policy gr00t-small, SFT steps 2500")
+    assert markdown.startswith("Shared by every run: demos 600, demo noise 0.01, policy gr00t-small, SFT steps 2500, "
+                               "batch 64, passes 0.73, lr 0.0001")
     assert "| run | random crop | eval actions per chunk | SFT success [95 % interval] | reach_red | place_green |" in markdown
     # the Wilson intervals of 64/256 and 128/256 as in test_stack_cube_report_intervals_gains_and_milestones
     assert "| base | no | all (16) | 0.250 [0.201, 0.306] (256 ep) | 0.900 | 0.250 |" in markdown
