@@ -139,11 +139,21 @@ class Demonstrations:
         """What a policy trained on these frames acts on (`task`: the env they were recorded in)."""
         return Spaces(task, self.state.shape[1], self.action.shape[1], self.rgb.shape[1], self.rgb.shape[2])
 
-    def batch(self, frames: torch.Tensor, horizon: int) -> dict:
-        """Frames [B] → {"rgb", "state", "actions" [B, horizon, A], "instruction": one per frame}."""
+    def batch(self, frames: torch.Tensor, horizon: int, pin: bool = False) -> dict:
+        """Frames [B] → {"rgb", "state", "actions" [B, horizon, A], "instruction": one per frame}. `pin`: the views
+        in page-locked memory, so that copying them to a GPU can overlap with its work."""
         steps = (frames[:, None] + torch.arange(horizon)).minimum(self.episode_end[frames][:, None])
-        return {"rgb": self.rgb[frames], "state": self.state[frames], "actions": self.action[steps],
+        rgb = self.rgb[frames]
+        return {"rgb": rgb.pin_memory() if pin else rgb, "state": self.state[frames], "actions": self.action[steps],
                 "instruction": [self.instructions[t] for t in self.task[frames].tolist()]}
+
+
+def step_frames(num_frames: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The frames of one SFT step, uniform over the dataset: a function of (seed, step) alone, so that a step's
+    batch can be gathered before the step before it has finished, and a resumed run draws what a straight run
+    does. `seed`: the run's seed plus the DDP rank (as the run's generator)."""
+    rng = np.random.default_rng([seed, step])
+    return torch.from_numpy(rng.integers(0, num_frames, batch_size))
 
 
 def random_crop_shift(rgb: torch.Tensor, crop_scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -153,14 +163,16 @@ def random_crop_shift(rgb: torch.Tensor, crop_scale: float, generator: torch.Gen
     rows and columns rolled in from the far edge all fall outside that crop."""
     b, v, h, w, _ = rgb.shape
     crop_h, crop_w = int(h * crop_scale), int(w * crop_scale)
-    draw = lambda n: torch.randint(0, n, (b, v), generator=generator, device=generator.device).cpu()  # noqa: E731
+    # the offsets stay on the generator's device: no GPU -> CPU copy, which would wait for the GPU every step
+    on = generator.device
+    draw = lambda n: torch.randint(0, n, (b, v), generator=generator, device=on)  # noqa: E731
     dy = draw(h - crop_h + 1) - round((h - crop_h) / 2)  # random crop origin - centre crop origin
     dx = draw(w - crop_w + 1) - round((w - crop_w) / 2)
-    rows = (torch.arange(h) + dy[..., None]) % h  # [B, V, H]: output row y shows input row y + dy
-    cols = (torch.arange(w) + dx[..., None]) % w
+    rows = ((torch.arange(h, device=on) + dy[..., None]) % h).to(rgb.device)  # [B, V, H]: row y shows row y + dy
+    cols = ((torch.arange(w, device=on) + dx[..., None]) % w).to(rgb.device)
     frame = torch.arange(b, device=rgb.device)[:, None, None, None]
     view = torch.arange(v, device=rgb.device)[None, :, None, None]
-    return rgb[frame, view, rows.to(rgb.device)[..., :, None], cols.to(rgb.device)[..., None, :]]
+    return rgb[frame, view, rows[..., :, None], cols[..., None, :]]
 
 
 GR00T_COLOR_JITTER = {"brightness": 0.3, "contrast": 0.4, "saturation": 0.5, "hue": 0.08}
@@ -236,6 +248,14 @@ def train(cfg: SFTConfig) -> dict:
         print(f"sft: {len(demos)} frames, action horizon {horizon}, "
               f"{sum(p.numel() for n, p in params.items() if policy.is_trainable(n)) / 1e6:.1f} M trainable params")
 
+    # a loader thread gathers the next step's batch on the CPU while the GPU runs this one (the gather of 256
+    # frames takes tens of ms; done in the loop, the GPU would wait for it every step)
+    def gather(step: int) -> dict:
+        frames = step_frames(len(demos), cfg.batch_size, cfg.seed + run.rank, step)
+        return demos.batch(frames, horizon, pin=run.device.type == "cuda")
+
+    loader = ThreadPoolExecutor(1)
+    next_batch = loader.submit(gather, start)
     metrics: dict[str, float] = {}
     bar = progress(run, start, cfg.num_iterations)
     started, frames_seen = time.perf_counter(), 0
@@ -243,10 +263,11 @@ def train(cfg: SFTConfig) -> dict:
         lr = learning_rate(step, cfg.num_iterations, cfg.learning_rate, cfg.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        frames = torch.randint(0, len(demos), (cfg.batch_size,), generator=run.generator, device=run.device).cpu()
-        batch = demos.batch(frames, horizon)
+        batch = next_batch.result()
+        if step + 1 < cfg.num_iterations:
+            next_batch = loader.submit(gather, step + 1)
         # augment on the model's device: the crop's gather alone takes about 26 ms a batch of 64 on 2 CPU cores
-        batch["rgb"] = batch["rgb"].to(run.device)
+        batch["rgb"] = batch["rgb"].to(run.device, non_blocking=True)
         if cfg.random_crop:
             batch["rgb"] = random_crop_shift(batch["rgb"], policy.cfg.crop_scale, run.generator)
         if cfg.color_jitter:
@@ -267,6 +288,7 @@ def train(cfg: SFTConfig) -> dict:
                                        {})
         if stop:
             break
+    loader.shutdown(cancel_futures=True)
     if run.is_main:
         export = run.run_dir / EXPORT_DIR
         policy.save(params, str(export))

@@ -79,6 +79,51 @@ def test_a_dataset_of_several_tasks_gives_each_frame_its_own_instruction(tmp_pat
     assert np.isfinite(sft.train(cfg)["sft/loss"])                      # a batch mixes both prompts
 
 
+def test_step_frames_depend_on_seed_and_step_alone_and_cover_the_dataset_evenly():
+    frames = sft.step_frames(1000, 64, seed=3, step=7)
+    assert frames.dtype == torch.int64 and frames.shape == (64,) and 0 <= frames.min() and frames.max() < 1000
+    assert torch.equal(frames, sft.step_frames(1000, 64, seed=3, step=7))  # drawn again: the same frames
+    assert not torch.equal(frames, sft.step_frames(1000, 64, seed=3, step=8))
+    assert not torch.equal(frames, sft.step_frames(1000, 64, seed=4, step=7))  # another DDP rank's seed
+    counts = torch.bincount(torch.cat([sft.step_frames(10, 10, 0, step) for step in range(1000)]), minlength=10)
+    assert counts.sum() == 10_000 and counts.min() > 880 and counts.max() < 1120  # binomial sd 30 about 1000
+
+
+def test_sft_trains_each_step_on_its_own_frames_each_gathered_once(tmp_path, monkeypatch):
+    """The loader thread gathers step k+1's batch while step k trains; every step still gets the frames of
+    step_frames(..., step), in order, and no batch is gathered past the last step."""
+    from models.gr00t import Gr00tPolicy
+
+    root = _write_dataset(tmp_path / "ds", episodes=2, length=12)
+    demos = sft.Demonstrations.load(root)
+    gathered, trained_on = [], []
+    frames_of, loss_of = sft.step_frames, Gr00tPolicy.sft_loss
+    monkeypatch.setattr(sft, "step_frames", lambda n, b, seed, step: gathered.append(step) or frames_of(n, b, seed, step))
+    monkeypatch.setattr(Gr00tPolicy, "sft_loss", lambda self, params, batch, generator=None:
+                        trained_on.append(batch["state"].clone()) or loss_of(self, params, batch, generator))
+    sft.train(sft.SFTConfig(dataset=str(root), num_iterations=3, batch_size=5, seed=3, run_dir=str(tmp_path / "run"),
+                            env=TaskConfig(image_size=32), device="cpu"))
+    assert gathered == [0, 1, 2] and len(trained_on) == 3
+    for step, state in enumerate(trained_on):
+        assert torch.equal(state, demos.state[frames_of(len(demos), 5, 3, step)]), step
+
+
+def test_sft_resumed_from_a_checkpoint_equals_a_straight_run(tmp_path):
+    from safetensors.torch import load_file
+
+    root = _write_dataset(tmp_path / "ds", episodes=2, length=12)
+    common = dict(dataset=str(root), num_iterations=4, batch_size=4, save_every=2, seed=5, random_crop=True,
+                  env=TaskConfig(image_size=32), device="cpu")
+    sft.train(sft.SFTConfig(**common, run_dir=str(tmp_path / "straight")))
+    sft.train(sft.SFTConfig(**common, run_dir=str(tmp_path / "resumed"),
+                            resume=str(tmp_path / "straight" / "checkpoints" / "iter_000002")))
+    straight, resumed = (load_file(tmp_path / run / "checkpoints" / "iter_000004" / "policy.safetensors")
+                         for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
 def test_learning_rate_schedule():
     # 10 steps, 20 % warm-up = 2 steps: 0.5, 1.0 of peak, then cosine from 1 to 0 over the remaining 8
     lrs = [sft.learning_rate(s, 10, 1.0, 0.2) for s in range(10)]
