@@ -6,8 +6,9 @@ the runs differ.
 Each run folder holds the results.json of the pipeline's report phase, which records how its SFT model was made
 (the SFT run's config, the demos' size and recording) and how it was evaluated. The table has a column for each
 setting whose value is not the same in every run (among them "passes": SFT steps x batch / demo frames), then the SFT
-success with its 95 % interval and the share of episodes that reached each milestone. Writes results.md and
-results.json under --out.
+success with its 95 % interval and the share of episodes that reached each milestone. A model trained by several SFT
+runs in a row (`stack_cube_sft_rl.py --sft-policy <earlier run>/sft/gr00t`) shows their steps as "4329+3000" and
+the passes of all of them. Writes results.md and results.json under --out.
 """
 
 from __future__ import annotations
@@ -68,11 +69,30 @@ def shown(name: str, value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def with_passes(settings: dict, frames: int | None) -> dict:
-    """`settings` with "passes" (SFT steps x batch / demo frames, how often the SFT saw each frame) after "batch";
-    None where the demos' frame count is unknown."""
-    steps, batch = settings["SFT steps"], settings["batch"]
-    passes = round(steps * batch / frames, 2) if frames and steps and batch else None
+def sft_chain(results: dict) -> list[dict]:
+    """The SFT recipes that made a run's model, first to last: a run that trained on from another run's export
+    holds that run's recipe under "continues"."""
+    chain, recipe = [], results["sft_recipe"]
+    while recipe:
+        chain.insert(0, recipe)
+        recipe = recipe.get("continues")
+    return chain
+
+
+def recipe_settings(results: dict) -> dict:
+    """The SETTINGS of a run's model, and "passes" (SFT steps x batch / demo frames: how often the SFT saw each
+    frame; None where a frame count is unknown) after "batch". A model made by several SFT runs in a row has the
+    last run's settings, the first one's policy, and its steps and batch sizes joined by "+"; its passes add up."""
+    chain = sft_chain(results)
+    settings = {name: lookup(results, where) for name, where in SETTINGS.items()}
+    links = [(lookup(r, ("config", "num_iterations")), lookup(r, ("config", "batch_size")),
+              lookup(r, ("demos", "frames"))) for r in chain]
+    passes = (round(sum(steps * batch / frames for steps, batch, frames in links), 2)
+              if all(steps and batch and frames for steps, batch, frames in links) else None)
+    if len(chain) > 1:
+        settings["policy"] = lookup(chain[0], ("config", "policy"))
+        settings["SFT steps"] = "+".join(str(steps) for steps, _, _ in links)
+        settings["batch"] = "+".join(str(batch) for _, batch, _ in links)
     names = list(settings)
     names.insert(names.index("batch") + 1, "passes")
     return {name: passes if name == "passes" else settings[name] for name in names}
@@ -89,8 +109,7 @@ def load(run: Path) -> dict:
     sft = next((r for r in results["rows"] if r["model"] == "sft"), None)
     if sft is None:
         raise SystemExit(f"error: {path} has no evaluated SFT model: run its eval phase first")
-    settings = {name: lookup(results, where) for name, where in SETTINGS.items()}
-    return {"run": str(run), "settings": with_passes(settings, lookup(results, ("sft_recipe", "demos", "frames"))),
+    return {"run": str(run), "settings": recipe_settings(results),
             "success_rate": sft["success_rate"], "episodes": sft["episodes"], "ci95": sft["ci95"],
             "milestone_rates": sft["milestone_rates"], "device": results["device"]}
 

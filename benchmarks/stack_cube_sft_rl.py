@@ -80,7 +80,9 @@ class Args:
     demonstrations, one --out each. Not with the demos phase."""
     # sft
     sft_policy: str = "gr00t-small"
-    """GR00T preset to fine-tune from random init (no pretrained weights are reachable here)."""
+    """GR00T preset to fine-tune from random init (no pretrained weights are reachable here), or the export of an
+    earlier SFT run (`<its --out>/sft/gr00t`) to train on from (a fresh optimizer and learning-rate schedule; the
+    report records the earlier run's recipe too)."""
     sft_iterations: int = 3000
     """SFT gradient steps."""
     sft_batch_size: int = 64
@@ -329,6 +331,21 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def sft_recipe(sft_run: Path, demos: Path) -> dict:
+    """How an SFT model was made, as its run and its demos recorded it (sft_levers.py compares runs by these):
+    the run's config and the demos' size and recording; for a run that trained on from another SFT run's export,
+    that run's recipe under "continues"."""
+    config = read_json(sft_run / "config.json")
+    info = read_json(demos / "meta" / "info.json")
+    recipe = {"config": config, "demos": {"episodes": info.get("total_episodes"), "frames": info.get("total_frames"),
+                                          "recording": read_json(demos / "meta" / "recording.json")}}
+    start = Path(config.get("policy", ""))
+    earlier = read_json(start.parent / "config.json") if (start / "config.json").is_file() else {}
+    if "dataset" in earlier and start.parent.resolve() != sft_run.resolve():  # an export in another SFT run
+        recipe["continues"] = sft_recipe(start.parent, Path(earlier["dataset"]))
+    return recipe
+
+
 def report(args: Args) -> dict:
     """results.json, results.md and the plot, from what the phases wrote."""
     evals = {name: json.loads((args.out / "eval" / name / "summary.json").read_text())
@@ -387,11 +404,8 @@ def report(args: Args) -> dict:
                   "(`benchmarks/sft_open_loop.py`):", "", (open_loop / "results.md").read_text().strip()]
     markdown = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(markdown)
-    # how the SFT model was made, as its run and its demos recorded it (sft_levers.py compares runs by these)
-    recipe = {"config": sft_config, "demos": {"episodes": demos_info.get("total_episodes"),
-                                              "frames": demos_info.get("total_frames"),
-                                              "recording": read_json(demos / "meta" / "recording.json")}}
-    results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)), "sft_recipe": recipe,
+    results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)),
+               "sft_recipe": sft_recipe(sft_dir(args), demos),
                "rows": rows, "sft_open_loop": read_json(open_loop / "results.json").get("rows"),
                "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
                               for r in v] for k, v in curves.items()}}

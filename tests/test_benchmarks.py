@@ -357,8 +357,10 @@ def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, blocks=()))
 
 
-def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int | None) -> Path:
-    """A stack_cube_sft_rl.py output folder with only an evaluated SFT model: its config, demos meta and eval."""
+def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int | None,
+                 policy: str = "gr00t-small") -> Path:
+    """A stack_cube_sft_rl.py output folder with only an evaluated SFT model: its config, demos meta, export
+    (config.json alone) and eval."""
     demos = out / "demos"
     (demos / "meta").mkdir(parents=True)
     (demos / "meta" / "info.json").write_text(json.dumps({"total_episodes": 600, "total_frames": 220_000}))
@@ -366,8 +368,10 @@ def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int
     ckpt = out / "sft" / "checkpoints" / "iter_002500"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"iteration": 2500}))
+    (out / "sft" / "gr00t").mkdir()
+    (out / "sft" / "gr00t" / "config.json").write_text("{}")
     (out / "sft" / "config.json").write_text(json.dumps(
-        {"dataset": str(demos), "policy": "gr00t-small", "num_iterations": 2500, "batch_size": 64,
+        {"dataset": str(demos), "policy": policy, "num_iterations": 2500, "batch_size": 64,
          "learning_rate": 1e-4, "tune_visual": True, "random_crop": random_crop, "color_jitter": False, "seed": 1,
          "env": {"image_size": 128}}))
     (out / "eval" / "sft").mkdir(parents=True)
@@ -396,6 +400,22 @@ def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
     assert "| crop8 | yes | 8 | 0.312 [0.259, 0.372] (256 ep) | 0.900 | 0.312 |" in markdown
     with pytest.raises(SystemExit, match="results.json is missing"):
         sft_levers.main(sft_levers.Args(runs=[tmp_path / "nowhere"], out=tmp_path / "levers"))
+
+
+def test_sft_levers_adds_up_a_model_trained_by_two_sft_runs_in_a_row(tmp_path):
+    first = fake_sft_run(tmp_path / "first", 64, True, None)
+    second = fake_sft_run(tmp_path / "second", 96, True, None, policy=str(first / "sft" / "gr00t"))
+    recipe = json.loads((second / "results.json").read_text())["sft_recipe"]
+    assert recipe["config"]["policy"] == str(first / "sft" / "gr00t")
+    assert recipe["continues"]["config"]["policy"] == "gr00t-small" and "continues" not in recipe["continues"]
+    assert recipe["continues"]["demos"]["frames"] == 220_000
+    rows = sft_levers.main(sft_levers.Args(runs=[first, second], out=tmp_path / "levers"))
+    # 2 x 2500 steps x 64 / 220,000 frames; the policy is where the first run started
+    assert rows[1]["settings"]["passes"] == 1.45
+    assert rows[1]["settings"]["policy"] == "gr00t-small"
+    markdown = (tmp_path / "levers" / "results.md").read_text()
+    assert "| run | SFT steps | batch | passes | SFT success [95 % interval] | reach_red | place_green |" in markdown
+    assert "| second | 2500+2500 | 64+64 | 1.45 | 0.375 [" in markdown
 
 
 def test_demo_loading_decodes_every_episode_both_ways_and_restores_the_switch(tmp_path, monkeypatch):
