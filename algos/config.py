@@ -35,6 +35,10 @@ class RunConfig:
     gr00t_tokenizer: str | None = None
     """Tokenizer of a random-init GR00T preset: a local directory with the Qwen/Eagle tokenizer files, `builtin`
     (the project's offline one), or None (the preset's own: the hub's Qwen/Qwen3-1.7B for gr00t-n1.5-3b)."""
+    gr00t_image_size: int | None = None
+    """Input resolution (px) of a random-init GR00T preset: each view is resized to it and cut into 14 px patches,
+    one image token each. None: the preset's (224 px: 256 tokens per view). 126 keeps a 128 px camera at about its
+    own resolution with 81 tokens. A checkpoint keeps the size it was trained at."""
     num_iterations: int = 2
     """Iterations in total (RL: rollout + update; SFT: gradient steps). A resumed run continues up to this number."""
     max_minutes: float | None = None
@@ -101,6 +105,9 @@ def check_run_config(cfg: RunConfig) -> None:
     from algos.checkpoint import find_checkpoint
 
     check_positive(cfg, "num_iterations", "save_every", "keep_last")
+    if cfg.gr00t_image_size is not None and (cfg.gr00t_image_size < 14 or cfg.gr00t_image_size % 14):
+        raise ConfigError(f"--gr00t-image-size must be a positive multiple of 14 (GR00T's patch size), "
+                          f"got {cfg.gr00t_image_size}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ConfigError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
     if cfg.resume:

@@ -177,6 +177,10 @@ def make_policy(cfg: RunConfig, spaces: Spaces, device: torch.device, bf16: bool
     min -1 and max 1 for every dim); `gr00t_overrides`: Gr00tConfig fields to set (the RL head's noise, the parts
     SFT trains); `mlp`: the MLP's config, None where this job cannot train an MLP; `compile` / `cuda_graphs`: GR00T's
     GPU fast path (models/gr00t_fast.py)."""
+    if cfg.gr00t_image_size is not None and (cfg.policy == "mlp" or Path(cfg.policy).is_dir()
+                                             or cfg.policy.count("/") == 1):
+        raise ConfigError(f"--gr00t-image-size sets the input size of a random-init GR00T preset; --policy "
+                          f"{cfg.policy} {'has no images' if cfg.policy == 'mlp' else 'keeps the size it was trained at'}")
     if cfg.policy == "mlp":
         if mlp is None:
             raise ConfigError("this job trains GR00T: --policy must be a GR00T preset or checkpoint, not mlp")
@@ -191,7 +195,8 @@ def make_policy(cfg: RunConfig, spaces: Spaces, device: torch.device, bf16: bool
         if spaces.num_views < 1:
             raise ConfigError(f"--policy {cfg.policy} needs camera images; {spaces.task} has no cameras")
         metadata = (base or {}).get("metadata") or metadata or identity_metadata(spaces)
-        policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=spaces.num_views, **overrides), device,
+        size = {} if cfg.gr00t_image_size is None else {"image_size": cfg.gr00t_image_size}
+        policy = Gr00tPolicy(Gr00tConfig.preset(cfg.policy, num_views=spaces.num_views, **size, **overrides), device,
                              metadata, compute_dtype=dtype, tokenizer=cfg.gr00t_tokenizer)
         params = policy.init(cfg.seed)
         base = {"policy": cfg.policy, "init_seed": cfg.seed, "metadata": metadata}

@@ -185,6 +185,41 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
             torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
 
 
+def test_gr00t_image_size_sets_a_presets_input_and_the_checkpoint_and_export_keep_it(tmp_path):
+    """--gr00t-image-size 56 on gr00t-tiny: 4 x 4 patches = 16 image tokens per view (224: 256). What eval.py
+    rebuilds from the checkpoint's config takes its params, and the export loads at the same size."""
+    import json
+
+    from algos.checkpoint import find_checkpoint
+    from algos.config import config_from_dict
+    from algos.run import Spaces
+    from models.gr00t import Gr00tPolicy
+
+    root = _write_dataset(tmp_path / "ds", episodes=1, length=6)
+    cfg = sft.SFTConfig(dataset=str(root), num_iterations=2, batch_size=2, gr00t_image_size=56,
+                        run_dir=str(tmp_path / "run"), env=TaskConfig(image_size=32), device="cpu")
+    sft.train(cfg)
+    ckpt = find_checkpoint(tmp_path / "run")
+    state = json.loads((ckpt / "state.json").read_text())
+    train_cfg = config_from_dict(sft.SFTConfig, state["config"])
+    assert train_cfg.gr00t_image_size == 56
+    spaces = Spaces(train_cfg.env.task, 8, 7, 2, 32)
+    policy, params, _ = sft.make_sft_policy(train_cfg, spaces, torch.device("cpu"), False, state["policy"]["base"])
+    assert policy.cfg.image_size == 56 and policy.cfg.tokens_per_view == 16
+    load_params_into(ckpt, params)  # the shapes of a 56 px model
+    exported, _ = Gr00tPolicy.from_pretrained(str(tmp_path / "run" / "gr00t"))
+    assert exported.cfg.image_size == 56 and exported.cfg.tokens_per_view == 16
+    # bad sizes, and models whose size is not a preset's to set
+    for size in (30, 0):
+        with pytest.raises(ConfigError, match=f"--gr00t-image-size must be a positive multiple of 14.*got {size}"):
+            sft.train(dataclasses.replace(cfg, gr00t_image_size=size))
+    with pytest.raises(ConfigError, match="keeps the size it was trained at"):
+        sft.make_sft_policy(dataclasses.replace(cfg, policy=str(tmp_path / "run" / "gr00t")), spaces,
+                            torch.device("cpu"), False)
+    with pytest.raises(ConfigError, match="--policy mlp has no images"):
+        sft.make_sft_policy(dataclasses.replace(cfg, policy="mlp"), spaces, torch.device("cpu"), False)
+
+
 def test_color_jitter_in_gr00t_ranges():
     torch.manual_seed(0)
     gray = torch.full((50, 2, 8, 8, 3), 100, dtype=torch.uint8)
