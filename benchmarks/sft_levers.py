@@ -28,6 +28,7 @@ SETTINGS = {
     "demos": ("sft_recipe", "demos", "episodes"),
     "demo noise": ("sft_recipe", "demos", "recording", "action_noise"),
     "policy": ("sft_recipe", "config", "policy"),
+    "model px": ("sft_recipe", "config", "gr00t_image_size"),
     "SFT steps": ("sft_recipe", "config", "num_iterations"),
     "batch": ("sft_recipe", "config", "batch_size"),
     "lr": ("sft_recipe", "config", "learning_rate"),
@@ -63,7 +64,7 @@ def lookup(results: dict, path: tuple[str, ...]) -> object:
 
 def shown(name: str, value: object) -> str:
     if value is None:
-        return "all (16)" if name == "eval actions per chunk" else "?"
+        return {"eval actions per chunk": "all (16)", "model px": "224"}.get(name, "?")
     if isinstance(value, bool):
         return "yes" if value else "no"
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -82,7 +83,8 @@ def sft_chain(results: dict) -> list[dict]:
 def recipe_settings(results: dict) -> dict:
     """The SETTINGS of a run's model, and "passes" (SFT steps x batch / demo frames: how often the SFT saw each
     frame; None where a frame count is unknown) after "batch". A model made by several SFT runs in a row has the
-    last run's settings, the first one's policy, and its steps and batch sizes joined by "+"; its passes add up."""
+    last run's settings, the first one's policy and model size, and its steps and batch sizes joined by "+"; its
+    passes add up."""
     chain = sft_chain(results)
     settings = {name: lookup(results, where) for name, where in SETTINGS.items()}
     links = [(lookup(r, ("config", "num_iterations")), lookup(r, ("config", "batch_size")),
@@ -90,7 +92,8 @@ def recipe_settings(results: dict) -> dict:
     passes = (round(sum(steps * batch / frames for steps, batch, frames in links), 2)
               if all(steps and batch and frames for steps, batch, frames in links) else None)
     if len(chain) > 1:
-        settings["policy"] = lookup(chain[0], ("config", "policy"))
+        settings["policy"] = lookup(chain[0], ("config", "policy"))  # the model's shape is the first run's
+        settings["model px"] = lookup(chain[0], ("config", "gr00t_image_size"))
         settings["SFT steps"] = "+".join(str(steps) for steps, _, _ in links)
         settings["batch"] = "+".join(str(batch) for _, batch, _ in links)
     names = list(settings)

@@ -9,11 +9,13 @@
         --rl-algos ppo                                                                  # PPO alone on the GPU
     python benchmarks/stack_cube_sft_rl.py --out runs/crop --demos runs/sft_rl_lift/demos --phases sft eval report \
         --sft-random-crop                                                # an SFT setting on the same demonstrations
+    python benchmarks/stack_cube_sft_rl.py --out runs/crop_more --demos runs/sft_rl_lift/demos --phases sft eval report \
+        --sft-random-crop --sft-policy runs/crop/sft/gr00t --seed 2            # more SFT on from that run's model
 
 Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `demos` rewrites the dataset,
 `sft` and `rl` refuse to start over an existing run):
   demos   the scripted expert's successful episodes as a LeRobot v2 dataset   (envs/record_demos.py)
-  sft     GR00T (`--sft-policy`, random init) fine-tuned on them               (train.py sft)
+  sft     GR00T (`--sft-policy`: random init, or an SFT export) trained on them   (train.py sft)
   rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
   eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions; and
           the SFT model's open-loop fit of its demos by expert phase              (benchmarks/sft_open_loop.py)
@@ -85,6 +87,9 @@ class Args:
     report records the earlier run's recipe too)."""
     sft_iterations: int = 3000
     """SFT gradient steps."""
+    sft_image_size: int | None = None
+    """Input size (px) of the random-init GR00T (train.py sft --gr00t-image-size; 126 is about the cameras' 128 px
+    with 81 image tokens per view). None: the preset's 224 (256 tokens)."""
     sft_batch_size: int = 64
     """SFT frames per step."""
     sft_learning_rate: float = 1e-4
@@ -282,6 +287,8 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   *(["--random-crop"] if args.sft_random_crop else []),
                                   *(["--color-jitter"] if args.sft_color_jitter else []),
                                   *(["--compile"] if args.sft_compile else []),
+                                  *([] if args.sft_image_size is None else
+                                    ["--gr00t-image-size", str(args.sft_image_size)]),
                                   *([] if args.sft_minutes is None else ["--max-minutes", str(args.sft_minutes)]),
                                   "--device", args.device, *task_flags(args)))]
     if phase == "rl":

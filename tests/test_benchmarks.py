@@ -121,7 +121,7 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     args = stack_cube_sft_rl.Args(out=tmp_path, image_size=64, max_episode_steps=100, ppo_learning_rates=[1e-5, 3e-5],
                                   grpo_learning_rate=1e-5, ppo_num_minibatches=4, grpo_num_minibatches=8,
                                   ppo_flags="--gamma 0.95", sft_random_crop=True, sft_color_jitter=True,
-                                  sft_compile=True, sft_minutes=12.5, eval_action_exec_horizon=8,
+                                  sft_compile=True, sft_minutes=12.5, sft_image_size=126, eval_action_exec_horizon=8,
                                   demo_action_noise=0.02)
     (demos,) = stack_cube_sft_rl.phase_jobs("demos", args)
     demo_args = tyro.cli(record_demos.Args, args=demos.cmd[3:])
@@ -131,8 +131,10 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     sft_cfg = train_script.parse(sft_job.cmd[2:])
     assert isinstance(sft_cfg, sft.SFTConfig) and sft_cfg.env.image_size == 64 and sft_cfg.dataset == str(tmp_path / "demos")
     assert sft_cfg.random_crop and sft_cfg.color_jitter and sft_cfg.compile and sft_cfg.max_minutes == 12.5
+    assert sft_cfg.gr00t_image_size == 126
     (default_sft,) = stack_cube_sft_rl.phase_jobs("sft", stack_cube_sft_rl.Args(out=tmp_path / "defaults"))
-    assert train_script.parse(default_sft.cmd[2:]).max_minutes is None  # the steps decide
+    default_cfg = train_script.parse(default_sft.cmd[2:])
+    assert default_cfg.max_minutes is None and default_cfg.gr00t_image_size is None  # the steps decide; 224 px
     rl = {job.name: train_script.parse(job.cmd[2:]) for job in stack_cube_sft_rl.phase_jobs("rl", args)}
     assert sorted(rl) == ["grpo_lr1e-05", "ppo_lr1e-05", "ppo_lr3e-05"]
     assert isinstance(rl["grpo_lr1e-05"], grpo.GRPOConfig) and rl["ppo_lr3e-05"].learning_rate == 3e-5
@@ -316,13 +318,13 @@ def test_sft_throughput_commands_are_valid_and_differ_only_in_compile(tmp_path):
                                random_crop=False)
     configs = {}
     for compile in (False, True):
-        cmd = sft_throughput.sft_command(args, "gr00t-tiny", 4, compile, tmp_path / "run")
+        cmd = sft_throughput.sft_command(args, "gr00t-tiny", 126, 4, compile, tmp_path / "run")
         assert cmd[1:3] == ["train.py", "sft"]
         configs[compile] = train_script.parse(cmd[2:])
     eager, compiled = configs[False], configs[True]
     assert isinstance(eager, sft.SFTConfig) and not eager.compile and compiled.compile
-    assert (eager.num_iterations, eager.batch_size, eager.policy, eager.tune_visual, eager.random_crop) == (
-        50, 4, "gr00t-tiny", True, False)
+    assert (eager.num_iterations, eager.batch_size, eager.policy, eager.gr00t_image_size, eager.tune_visual,
+            eager.random_crop) == (50, 4, "gr00t-tiny", 126, True, False)
     assert {**vars(eager), "compile": True} == vars(compiled)
 
 
@@ -331,18 +333,22 @@ def test_sft_throughput_runs_every_batch_size_and_blocks_and_compares_with_the_f
     (tmp_path / "demos" / "meta" / "info.json").write_text(json.dumps({"total_frames": 3071}))
     runs = []
 
-    def fake_run(args, policy, batch_size, compile):  # frames/s: 100 per 64 frames of batch, x1.5 compiled
-        runs.append((policy, batch_size, compile))
-        return {"policy": policy, "batch_size": batch_size, "compile": compile,
-                "frames_per_s": 100.0 * batch_size / 64 * (1.5 if compile else 1.0), "final_loss": 0.5, "wall_s": 60.0}
+    def fake_run(args, policy, px, batch_size, compile):  # frames/s: 100 per 64 frames of batch, x1.5 compiled,
+        runs.append((policy, px, batch_size, compile))  # x2 at 126 px
+        return {"policy": policy, "model_px": px, "batch_size": batch_size, "compile": compile, "final_loss": 0.5,
+                "frames_per_s": 100.0 * batch_size / 64 * (1.5 if compile else 1.0) * (2 if px == 126 else 1),
+                "wall_s": 60.0}
 
     monkeypatch.setattr(sft_throughput, "run_sft", fake_run)
     rows = sft_throughput.main(sft_throughput.Args(dataset=tmp_path / "demos", batch_sizes=(64, 256),
-                                                   blocks=("compile",), device="cpu", out=tmp_path / "out"))
-    assert runs == [("gr00t-small", 64, True), ("gr00t-small", 256, True)]
-    assert [r["speedup"] for r in rows] == [1.0, 4.0]
+                                                   model_sizes=(224, 126), blocks=("compile",), device="cpu",
+                                                   out=tmp_path / "out"))
+    assert runs == [("gr00t-small", 224, 64, True), ("gr00t-small", 224, 256, True), ("gr00t-small", 126, 64, True),
+                    ("gr00t-small", 126, 256, True)]
+    assert [r["speedup"] for r in rows] == [1.0, 4.0, 2.0, 8.0]
     markdown = (tmp_path / "out" / "results.md").read_text()
-    assert "| gr00t-small | 256 | compiled | 600 | 2.3 | 4.00x | 0.5000 | 60 s |" in markdown
+    assert "| gr00t-small | 224 | 256 | compiled | 600 | 2.3 | 4.00x | 0.5000 | 60 s |" in markdown
+    assert "| gr00t-small | 126 | 256 | compiled | 1200 | 4.7 | 8.00x | 0.5000 | 60 s |" in markdown
     assert json.loads((tmp_path / "out" / "results.json").read_text())["args"]["batch_sizes"] == [64, 256]
 
 
@@ -353,6 +359,8 @@ def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, iterations=100, warmup=10))
     with pytest.raises(SystemExit, match="--batch-sizes needs one or more positive sizes, got \\[64, 0\\]"):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, batch_sizes=(64, 0)))
+    with pytest.raises(SystemExit, match="--model-sizes needs one or more multiples of 14.*got \\[224, 100\\]"):
+        sft_throughput.check(sft_throughput.Args(dataset=tmp_path, model_sizes=(224, 100)))
     with pytest.raises(SystemExit, match="--blocks needs eager, compile or both"):
         sft_throughput.check(sft_throughput.Args(dataset=tmp_path, blocks=()))
 
@@ -392,7 +400,7 @@ def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
     assert [r["settings"]["random crop"] for r in rows] == [False, True, True]
     assert rows[0]["settings"]["passes"] == 0.73  # 2500 steps x 64 / 220,000 frames
     markdown = (tmp_path / "levers" / "results.md").read_text()
-    assert markdown.startswith("Shared by every run: demos 600, demo noise 0.01, policy gr00t-small, SFT steps 2500, "
+    assert markdown.startswith("Shared by every run: demos 600, demo noise 0.01, policy gr00t-small, model px 224, SFT steps 2500, "
                                "batch 64, passes 0.73, lr 0.0001")
     assert "| run | random crop | eval actions per chunk | SFT success [95 % interval] | reach_red | place_green |" in markdown
     # the Wilson intervals of 64/256 and 128/256 as in test_stack_cube_report_intervals_gains_and_milestones
