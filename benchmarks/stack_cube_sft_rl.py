@@ -67,7 +67,8 @@ class Args:
     to reinforce), or
     `IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor` (448 steps)."""
     image_size: int = 128
-    """Camera size (pixels) for demos, training and eval. GR00T resizes every view to its 224 px input."""
+    """Camera size (pixels) for demos, training and eval. GR00T resizes every view to its input size (224 px, or
+    --sft-image-size)."""
     max_episode_steps: int | None = None
     """Time limit of the SFT/RL/eval episodes. None: the task's (448 steps). Demos always use the task's."""
     # demos
