@@ -177,11 +177,10 @@ def make_policy(cfg: RunConfig, spaces: Spaces, device: torch.device, bf16: bool
     min -1 and max 1 for every dim); `gr00t_overrides`: Gr00tConfig fields to set (the RL head's noise, the parts
     SFT trains); `mlp`: the MLP's config, None where this job cannot train an MLP; `compile` / `cuda_graphs`: GR00T's
     GPU fast path (models/gr00t_fast.py)."""
-    if cfg.gr00t_image_size is not None and (cfg.policy == "mlp" or Path(cfg.policy).is_dir()
-                                             or cfg.policy.count("/") == 1):
-        raise ConfigError(f"--gr00t-image-size sets the input size of a random-init GR00T preset; --policy "
-                          f"{cfg.policy} {'has no images' if cfg.policy == 'mlp' else 'keeps the size it was trained at'}")
+    not_a_preset = "--gr00t-image-size sets the input size of a random-init GR00T preset; --policy {} {}"
     if cfg.policy == "mlp":
+        if cfg.gr00t_image_size is not None:
+            raise ConfigError(not_a_preset.format(cfg.policy, "has no images"))
         if mlp is None:
             raise ConfigError("this job trains GR00T: --policy must be a GR00T preset or checkpoint, not mlp")
         policy = MLPPolicy(spaces.state_dim, spaces.action_dim, mlp, device)
@@ -201,6 +200,8 @@ def make_policy(cfg: RunConfig, spaces: Spaces, device: torch.device, bf16: bool
         params = policy.init(cfg.seed)
         base = {"policy": cfg.policy, "init_seed": cfg.seed, "metadata": metadata}
     elif Path(cfg.policy).is_dir() or cfg.policy.count("/") == 1:
+        if cfg.gr00t_image_size is not None:
+            raise ConfigError(not_a_preset.format(cfg.policy, "keeps the size it was trained at"))
         policy, params = Gr00tPolicy.from_pretrained(cfg.policy, device, compute_dtype=dtype, **overrides)
         base = {"policy": "gr00t", "checkpoint": cfg.policy}
     else:

@@ -339,18 +339,20 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def sft_recipe(sft_run: Path, demos: Path) -> dict:
+def sft_recipe(sft_run: Path, default_demos: Path) -> dict:
     """How an SFT model was made, as its run and its demos recorded it (sft_levers.py compares runs by these):
-    the run's config and the demos' size and recording; for a run that trained on from another SFT run's export,
-    that run's recipe under "continues"."""
+    the run's config and the demos' size and recording (the dataset its config names; `default_demos` where the
+    run has no config yet); for a run that trained on from another SFT run's export, that run's recipe under
+    "continues"."""
     config = read_json(sft_run / "config.json")
+    demos = Path(config["dataset"]) if config else default_demos
     info = read_json(demos / "meta" / "info.json")
     recipe = {"config": config, "demos": {"episodes": info.get("total_episodes"), "frames": info.get("total_frames"),
                                           "recording": read_json(demos / "meta" / "recording.json")}}
     start = Path(config.get("policy", ""))
     earlier = read_json(start.parent / "config.json") if (start / "config.json").is_file() else {}
     if "dataset" in earlier and start.parent.resolve() != sft_run.resolve():  # an export in another SFT run
-        recipe["continues"] = sft_recipe(start.parent, Path(earlier["dataset"]))
+        recipe["continues"] = sft_recipe(start.parent, default_demos)
     return recipe
 
 
@@ -359,9 +361,7 @@ def report(args: Args) -> dict:
     evals = {name: json.loads((args.out / "eval" / name / "summary.json").read_text())
              for name in models(args) if (args.out / "eval" / name / "summary.json").is_file()}
     curves = {name: read_jsonl(args.out / name / "metrics.jsonl") for name in rl_runs(args)}
-    sft_config = read_json(sft_dir(args) / "config.json")  # the SFT run names its dataset
-    demos = Path(sft_config["dataset"]) if sft_config else demos_dir(args)
-    demos_info = read_json(demos / "meta" / "info.json")
+    recipe = sft_recipe(sft_dir(args), demos_dir(args))
     rows = []
     for name in models(args):
         if name not in evals:
@@ -389,7 +389,7 @@ def report(args: Args) -> dict:
         import torch
 
         device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
-    lines = [f"`{args.task}` ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {demos_info.get('total_episodes', '?')} "
+    lines = [f"`{args.task}` ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {recipe['demos']['episodes'] or '?'} "
              f"expert demos, then RL; {device}. Eval: {args.eval_episodes} episodes from seed {args.eval_seed}, "
              "deterministic actions; success with its 95 % Wilson interval.", "",
              "| model | success [95 % interval] | gain over SFT | intervals apart | RL iterations | RL env steps | "
@@ -413,7 +413,7 @@ def report(args: Args) -> dict:
     markdown = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(markdown)
     results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)),
-               "sft_recipe": sft_recipe(sft_dir(args), demos),
+               "sft_recipe": recipe,
                "rows": rows, "sft_open_loop": read_json(open_loop / "results.json").get("rows"),
                "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
                               for r in v] for k, v in curves.items()}}
