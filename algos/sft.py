@@ -43,6 +43,8 @@ EXPORT_DIR = "gr00t"
 class SFTConfig(RunConfig):
     dataset: str = "data/stack_cube_demos"
     """LeRobot v2 dataset directory (with meta/modality.json)."""
+    num_episodes: int | None = None
+    """Train on the first this many episodes of --dataset (None: all of them)."""
     env: TaskConfig = field(default_factory=TaskConfig)
     """The task the demonstrations are of, which eval.py evaluates the model on (`--env.image-size` must be the
     dataset's)."""
@@ -100,30 +102,35 @@ class Demonstrations:
 
     @classmethod
     def load(cls, root: str | Path, workers: int | None = None, progress: bool = False,
-             num_episodes: int | None = None) -> Demonstrations:
+             num_episodes: int | None = None, first_episode: int = 0) -> Demonstrations:
         """Decode every episode (in `workers` threads; None: one per CPU core) straight into one preallocated
         uint8 tensor, so that the peak memory is the frames' own size (thousands of episodes at 224 px are tens
-        of GB). `progress`: a progress bar over the episodes; `num_episodes`: only the first so many."""
+        of GB). `progress`: a progress bar over the episodes; `num_episodes` episodes from `first_episode` on
+        (None: to the last)."""
         dataset = LeRobotDataset(root)
         if len(dataset) == 0:
             raise ConfigError(f"--dataset {root} has no episodes")
+        stop = len(dataset) if num_episodes is None else first_episode + num_episodes
+        if not 0 <= first_episode < stop <= len(dataset):
+            raise ConfigError(f"--dataset {root} has episodes 0 to {len(dataset) - 1}; asked for episodes "
+                              f"{first_episode} to {stop - 1}")
         instructions = tuple(dataset.tasks.values())
-        lengths = [int(ep["length"]) for ep in dataset.episodes[:num_episodes]]
+        lengths = [int(ep["length"]) for ep in dataset.episodes[first_episode:stop]]
         starts = np.cumsum([0, *lengths])
-        first, keys = dataset.episode(0), list(dataset.modality["video"])
+        first, keys = dataset.episode(first_episode), list(dataset.modality["video"])
         rgb = torch.empty((starts[-1], len(keys), *first.images[keys[0]].shape[1:]), dtype=torch.uint8)
         state = torch.empty((starts[-1], first.state.shape[1]), dtype=torch.float32)
         action = torch.empty((starts[-1], first.action.shape[1]), dtype=torch.float32)
         end, task = torch.empty(starts[-1], dtype=torch.long), torch.empty(starts[-1], dtype=torch.long)
         pool = ThreadPoolExecutor(workers or os.cpu_count())  # ffmpeg decodes outside the GIL
         try:
-            episodes = itertools.chain([first], pool.map(dataset.episode, range(1, len(lengths))))
+            episodes = itertools.chain([first], pool.map(dataset.episode, range(first_episode + 1, stop)))
             for i, ep in enumerate(tqdm(episodes, total=len(lengths), desc="loading demos", unit="ep",
                                         disable=not progress)):
                 rows = slice(starts[i], starts[i + 1])
                 if len(ep.state) != lengths[i]:
-                    raise ValueError(f"--dataset {root}: episode {i} has {len(ep.state)} frames, its entry in "
-                                     f"meta/episodes.jsonl says {lengths[i]}")
+                    raise ValueError(f"--dataset {root}: episode {first_episode + i} has {len(ep.state)} frames, "
+                                     f"its entry in meta/episodes.jsonl says {lengths[i]}")
                 for v, key in enumerate(keys):
                     rgb[rows, v] = torch.from_numpy(ep.images[key])
                 state[rows], action[rows] = torch.from_numpy(ep.state), torch.from_numpy(ep.action)
@@ -221,6 +228,8 @@ def make_sft_policy(cfg: SFTConfig, spaces: Spaces, device: torch.device, bf16: 
 def check_config(cfg: SFTConfig) -> None:
     check_run_config(cfg)
     check_positive(cfg, "batch_size", "log_every")
+    if cfg.num_episodes is not None and cfg.num_episodes < 1:
+        raise ConfigError(f"--num-episodes must be >= 1, got {cfg.num_episodes}")
     if not (0.0 <= cfg.warmup_ratio < 1.0):
         raise ConfigError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if not Path(cfg.dataset).is_dir():
@@ -231,7 +240,7 @@ def check_config(cfg: SFTConfig) -> None:
 def train(cfg: SFTConfig) -> dict:
     check_config(cfg)
     run = start_run(cfg, "sft", cfg.device)
-    demos = Demonstrations.load(cfg.dataset, progress=run.is_main)
+    demos = Demonstrations.load(cfg.dataset, progress=run.is_main, num_episodes=cfg.num_episodes)
     height, width = demos.rgb.shape[2:4]
     if (height, width) != (cfg.env.image_size, cfg.env.image_size):  # eval.py and RL build the env from cfg.env
         raise ConfigError(f"--dataset {cfg.dataset} has {width}x{height} views but --env.image-size is "

@@ -33,6 +33,7 @@ SETTINGS = {
     "batch": ("sft_recipe", "config", "batch_size"),
     "lr": ("sft_recipe", "config", "learning_rate"),
     "vision tower trained": ("sft_recipe", "config", "tune_visual"),
+    "language model trained": ("sft_recipe", "config", "tune_llm"),
     "random crop": ("sft_recipe", "config", "random_crop"),
     "colour jitter": ("sft_recipe", "config", "color_jitter"),
     "SFT seed": ("sft_recipe", "config", "seed"),

@@ -4,10 +4,11 @@
 
 eval.py's milestones show where closed-loop episodes stop; this shows whether the model has learnt the expert's
 actions there at all, which tells under-fitting (large errors on the demonstrations themselves) from drift (small
-errors here, failures in closed loop). Every --stride-th frame of the first --episodes episodes of the dataset the
-run was fine-tuned on (or --dataset) goes through `sample` with deterministic actions, and its action chunk is
-compared with the expert's recorded chunk from that frame (the window SFT trains on). The errors are grouped by the
-expert phase the frame was recorded in (record_demos' labels; one group, `all`, for a dataset without them):
+errors here, failures in closed loop). Every --stride-th frame of --episodes episodes from --first-episode on, of
+the dataset the run was fine-tuned on (or --dataset), goes through `sample` with deterministic actions, and its
+action chunk is compared with the expert's recorded chunk from that frame (the window SFT trains on). The errors
+are grouped by the expert phase the frame was recorded in (record_demos' labels; one group, `all`, for a dataset
+without them):
 
     translation    mean over the chunk of the distance between the model's and the expert's commanded moves (mm)
     first move     the same for the chunk's first action, the one the env executes first (mm)
@@ -50,7 +51,9 @@ class Args:
     dataset: Path | None = None
     """Demonstrations to compare with. None: the ones the run was fine-tuned on."""
     episodes: int = 50
-    """Use the first this many episodes."""
+    """Use this many episodes (fewer if the dataset ends first)."""
+    first_episode: int = 0
+    """Starting at this one: past the run's `--num-episodes`, episodes it did not train on."""
     stride: int = 4
     """Use every this-many-th frame of them."""
     batch_size: int = 64
@@ -73,10 +76,10 @@ def chunk_errors(predicted: torch.Tensor, expert: torch.Tensor) -> dict[str, tor
             "expert_move_mm": expert[..., :3].norm(dim=-1).mean(1) * ACTION_SCALE * 1000}
 
 
-def phase_names(dataset: LeRobotDataset, num_episodes: int) -> list[str]:
-    """The expert phase of every frame of the first `num_episodes` episodes ('all' where the dataset has no labels)."""
+def phase_names(dataset: LeRobotDataset, episodes: range) -> list[str]:
+    """The expert phase of every frame of these episodes ('all' where the dataset has no labels)."""
     names = []
-    for i in range(num_episodes):
+    for i in episodes:
         labels = dataset.labels(i)
         length = dataset.episodes[i]["length"]
         if "leanvla.expert_phase" not in labels:
@@ -85,6 +88,15 @@ def phase_names(dataset: LeRobotDataset, num_episodes: int) -> list[str]:
         rounds, phases = labels["leanvla.expert_round"], labels["leanvla.expert_phase"]
         names += [f"round {r + 1} {PHASE_NAMES[p]}" for r, p in zip(rounds.tolist(), phases.tolist())]
     return names
+
+
+def trained_on(cfg: sft.SFTConfig, root: Path, dataset_episodes: int, episodes: range) -> str:
+    """Whether the SFT run of `cfg` trained on these episodes of `root`: "trained on", "held out", "partly trained
+    on" or "another dataset"."""
+    if Path(cfg.dataset).resolve() != Path(root).resolve():
+        return "another dataset"
+    trained = dataset_episodes if cfg.num_episodes is None else cfg.num_episodes
+    return "trained on" if episodes[-1] < trained else "held out" if episodes[0] >= trained else "partly trained on"
 
 
 def by_phase(names: list[str], errors: dict[str, torch.Tensor]) -> list[dict]:
@@ -98,8 +110,8 @@ def by_phase(names: list[str], errors: dict[str, torch.Tensor]) -> list[dict]:
 
 
 def main(args: Args) -> list[dict]:
-    if args.episodes < 1 or args.stride < 1 or args.batch_size < 1:
-        raise SystemExit("error: --episodes, --stride and --batch-size must be >= 1")
+    if args.episodes < 1 or args.stride < 1 or args.batch_size < 1 or args.first_episode < 0:
+        raise SystemExit("error: --episodes, --stride and --batch-size must be >= 1, --first-episode >= 0")
     ckpt = find_checkpoint(args.run)
     state = json.loads((ckpt / "state.json").read_text())
     if state["algo"] != "sft":
@@ -107,8 +119,10 @@ def main(args: Args) -> list[dict]:
     cfg = config_from_dict(sft.SFTConfig, state["config"])
     root = args.dataset or Path(cfg.dataset)
     dataset = LeRobotDataset(root)
-    num_episodes = min(args.episodes, len(dataset))
-    demos = sft.Demonstrations.load(root, num_episodes=num_episodes, progress=True)
+    if args.first_episode >= len(dataset):
+        raise SystemExit(f"error: --first-episode {args.first_episode}: {root} has {len(dataset)} episodes")
+    episodes = range(args.first_episode, min(args.first_episode + args.episodes, len(dataset)))
+    demos = sft.Demonstrations.load(root, num_episodes=len(episodes), first_episode=args.first_episode, progress=True)
     if demos.rgb.shape[2] != cfg.env.image_size:
         raise SystemExit(f"error: {root} holds {demos.rgb.shape[2]} px views; {ckpt} was fine-tuned on "
                          f"{cfg.env.image_size} px ones")
@@ -127,14 +141,15 @@ def main(args: Args) -> list[dict]:
             predicted = policy.sample(params, obs, batch["instruction"], generator, deterministic=True)["actions"]
         for k, v in chunk_errors(predicted.float().cpu(), batch["actions"]).items():
             errors[k].append(v)
-    names = phase_names(dataset, num_episodes)
+    names = phase_names(dataset, episodes)
     rows = by_phase([names[f] for f in frames.tolist()], {k: torch.cat(v) for k, v in errors.items()})
     if len(rows) > 1:  # a labelled dataset: the phases, then every frame together
         rows.append({"phase": "every frame", "frames": len(frames),
                      **{k: float(torch.cat(v).mean()) for k, v in errors.items()}})
 
-    lines = [f"`{ckpt}` on `{root}`: every {args.stride}th frame of the first {num_episodes} episodes, "
-             f"deterministic chunks of {policy.cfg.action_horizon} actions; {device}.", "",
+    lines = [f"`{ckpt}` on `{root}`: every {args.stride}th frame of episodes {episodes[0]} to {episodes[-1]} "
+             f"({trained_on(cfg, root, len(dataset), episodes)}), deterministic chunks of "
+             f"{policy.cfg.action_horizon} actions; {device}.", "",
              "| expert phase | frames | translation (mm) | first move (mm) | rotation (deg) | gripper agreement | "
              "expert move (mm) |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['phase']} | {r['frames']} | {r['translation_mm']:.1f} | {r['first_move_mm']:.1f} | "

@@ -54,6 +54,8 @@ class Args:
     """GR00T's blocks as they are, and/or regionally compiled (train.py sft --compile)."""
     tune_visual: bool = True
     """Train the vision tower too (train.py sft --tune-visual)."""
+    tune_llm: bool = False
+    """Train the language model layers too (train.py sft --tune-llm)."""
     random_crop: bool = True
     """GR00T's train-mode random crop of the views (train.py sft --random-crop)."""
     task: str = "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"
@@ -100,7 +102,8 @@ def sft_command(args: Args, policy: str, px: int, batch_size: int, compile: bool
            "--num-iterations", str(args.iterations), "--batch-size", str(batch_size), "--seed", "0",
            "--log-every", "10", "--save-every", str(args.iterations), "--run-dir", str(run_dir),
            "--device", args.device, "--env.task", args.task, "--env.image-size", str(args.image_size),
-           *(["--tune-visual"] if args.tune_visual else []), *(["--random-crop"] if args.random_crop else []),
+           *(["--tune-visual"] if args.tune_visual else []), *(["--tune-llm"] if args.tune_llm else []),
+           *(["--random-crop"] if args.random_crop else []),
            *(["--compile"] if compile else [])]
 
 
@@ -142,7 +145,8 @@ def main(args: Args) -> list[dict]:
     info = json.loads((args.dataset / "meta" / "info.json").read_text())
     lines = [f"`train.py sft` on {info.get('total_frames', '?')} frames of `{args.task}` ({args.image_size} px), "
              f"{args.iterations} steps (timed after step {args.warmup}), vision tower "
-             f"{'trained' if args.tune_visual else 'frozen'}, random crop {'on' if args.random_crop else 'off'}; "
+             f"{'trained' if args.tune_visual else 'frozen'}, language model "
+             f"{'trained' if args.tune_llm else 'frozen'}, random crop {'on' if args.random_crop else 'off'}; "
              f"{device}. Speed-up: against the policy's first row.", "",
              "| policy | model px | batch | blocks | frames/s | steps/s | speed-up | mean loss, last logged steps | "
              "wall time (load, compile, export) |",

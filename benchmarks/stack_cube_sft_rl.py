@@ -97,6 +97,8 @@ class Args:
     """SFT peak learning rate."""
     sft_tune_visual: bool = True
     """Also train the vision tower during SFT."""
+    sft_tune_llm: bool = False
+    """Also train the language model layers during SFT (a random-init preset's are otherwise frozen at random)."""
     sft_random_crop: bool = False
     """Augment SFT's views with GR00T's train-mode random crop (train.py sft --random-crop)."""
     sft_color_jitter: bool = False
@@ -285,6 +287,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
                                   "--run-dir", str(args.out / "sft"), "--save-every", str(args.sft_iterations),
                                   *(["--tune-visual"] if args.sft_tune_visual else []),
+                                  *(["--tune-llm"] if args.sft_tune_llm else []),
                                   *(["--random-crop"] if args.sft_random_crop else []),
                                   *(["--color-jitter"] if args.sft_color_jitter else []),
                                   *(["--compile"] if args.sft_compile else []),

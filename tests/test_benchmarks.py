@@ -1,6 +1,7 @@
 """The benchmark drivers: the commands they build parse as real train.py / eval.py / record_demos flags, and the
 scaling arithmetic matches a hand computation."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,7 +122,8 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     args = stack_cube_sft_rl.Args(out=tmp_path, image_size=64, max_episode_steps=100, ppo_learning_rates=[1e-5, 3e-5],
                                   grpo_learning_rate=1e-5, ppo_num_minibatches=4, grpo_num_minibatches=8,
                                   ppo_flags="--gamma 0.95", sft_random_crop=True, sft_color_jitter=True,
-                                  sft_compile=True, sft_minutes=12.5, sft_image_size=126, eval_action_exec_horizon=8,
+                                  sft_compile=True, sft_minutes=12.5, sft_image_size=126, sft_tune_llm=True,
+                                  eval_action_exec_horizon=8,
                                   demo_action_noise=0.02)
     (demos,) = stack_cube_sft_rl.phase_jobs("demos", args)
     demo_args = tyro.cli(record_demos.Args, args=demos.cmd[3:])
@@ -131,10 +133,11 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     sft_cfg = train_script.parse(sft_job.cmd[2:])
     assert isinstance(sft_cfg, sft.SFTConfig) and sft_cfg.env.image_size == 64 and sft_cfg.dataset == str(tmp_path / "demos")
     assert sft_cfg.random_crop and sft_cfg.color_jitter and sft_cfg.compile and sft_cfg.max_minutes == 12.5
-    assert sft_cfg.gr00t_image_size == 126
+    assert sft_cfg.gr00t_image_size == 126 and sft_cfg.tune_visual and sft_cfg.tune_llm
     (default_sft,) = stack_cube_sft_rl.phase_jobs("sft", stack_cube_sft_rl.Args(out=tmp_path / "defaults"))
     default_cfg = train_script.parse(default_sft.cmd[2:])
     assert default_cfg.max_minutes is None and default_cfg.gr00t_image_size is None  # the steps decide; 224 px
+    assert default_cfg.tune_visual and not default_cfg.tune_llm
     rl = {job.name: train_script.parse(job.cmd[2:]) for job in stack_cube_sft_rl.phase_jobs("rl", args)}
     assert sorted(rl) == ["grpo_lr1e-05", "ppo_lr1e-05", "ppo_lr3e-05"]
     assert isinstance(rl["grpo_lr1e-05"], grpo.GRPOConfig) and rl["ppo_lr3e-05"].learning_rate == 3e-5
@@ -326,6 +329,10 @@ def test_sft_throughput_commands_are_valid_and_differ_only_in_compile(tmp_path):
     assert (eager.num_iterations, eager.batch_size, eager.policy, eager.gr00t_image_size, eager.tune_visual,
             eager.random_crop) == (50, 4, "gr00t-tiny", 126, True, False)
     assert {**vars(eager), "compile": True} == vars(compiled)
+    assert not eager.tune_llm
+    with_llm = sft_throughput.sft_command(dataclasses.replace(args, tune_llm=True), "gr00t-tiny", 126, 4, False,
+                                          tmp_path / "run")
+    assert {**vars(eager), "tune_llm": True} == vars(train_script.parse(with_llm[2:]))
 
 
 def test_sft_throughput_runs_every_batch_size_and_blocks_and_compares_with_the_first(tmp_path, monkeypatch):

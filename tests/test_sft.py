@@ -59,6 +59,12 @@ def test_demonstrations_load_every_episode_in_place_with_any_number_of_threads(t
     first_two = sft.Demonstrations.load(root, num_episodes=2)
     assert len(first_two) == 10 and torch.equal(first_two.rgb, one.rgb[:10])
     assert first_two.episode_end.tolist() == [2] * 3 + [9] * 7
+    middle_two = sft.Demonstrations.load(root, num_episodes=2, first_episode=1)  # episodes 1 and 2: frames 3-14
+    assert torch.equal(middle_two.rgb, one.rgb[3:15]) and torch.equal(middle_two.action, one.action[3:15])
+    assert middle_two.episode_end.tolist() == [6] * 7 + [11] * 5
+    assert len(sft.Demonstrations.load(root, first_episode=3)) == 4  # to the last episode
+    with pytest.raises(ConfigError, match="has episodes 0 to 3; asked for episodes 2 to 4"):
+        sft.Demonstrations.load(root, num_episodes=3, first_episode=2)
     # an index that disagrees with the episode's files is an error, not a silent misalignment
     lines = (root / "meta" / "episodes.jsonl").read_text().splitlines()
     lines[1] = json.dumps({**json.loads(lines[1]), "length": 6})
@@ -106,6 +112,12 @@ def test_sft_trains_each_step_on_its_own_frames_each_gathered_once(tmp_path, mon
     assert gathered == [0, 1, 2] and len(trained_on) == 3
     for step, state in enumerate(trained_on):
         assert torch.equal(state, demos.state[frames_of(len(demos), 5, 3, step)]), step
+
+    trained_on.clear()  # --num-episodes 1: every frame comes from the first episode (frames 0-11)
+    sft.train(sft.SFTConfig(dataset=str(root), num_episodes=1, num_iterations=2, batch_size=5, seed=3,
+                            run_dir=str(tmp_path / "run1"), env=TaskConfig(image_size=32), device="cpu"))
+    for step, state in enumerate(trained_on):
+        assert torch.equal(state, demos.state[frames_of(12, 5, 3, step)]), step
 
 
 def test_sft_resumed_from_a_checkpoint_equals_a_straight_run(tmp_path):
@@ -280,6 +292,11 @@ def test_bad_dataset_is_a_clear_error(tmp_path):
                                 env=TaskConfig(image_size=32), device="cpu"))
     with pytest.raises(ConfigError, match="has 32x32 views but --env.image-size is 224; pass --env.image-size 32"):
         sft.train(sft.SFTConfig(dataset=str(root), run_dir=str(tmp_path / "r2"), device="cpu"))
+    with pytest.raises(ConfigError, match="--num-episodes must be >= 1, got 0"):
+        sft.train(sft.SFTConfig(dataset=str(root), num_episodes=0, device="cpu"))
+    with pytest.raises(ConfigError, match="has episodes 0 to 0; asked for episodes 0 to 1"):
+        sft.train(sft.SFTConfig(dataset=str(root), num_episodes=2, run_dir=str(tmp_path / "r3"),
+                                env=TaskConfig(image_size=32), device="cpu"))
 
 
 def test_max_minutes_stops_early_and_still_exports(tmp_path, capsys):
@@ -398,6 +415,18 @@ def test_open_loop_lines_each_frame_up_with_its_expert_window_and_phase(tmp_path
         assert r["translation_mm"] == r["first_move_mm"] == r["rotation_deg"] == 0.0 and r["gripper_agreement"] == 1
         assert r["expert_move_mm"] > 0
     assert "| round 1 approach | 2 | 0.0 | 0.0 | 0.00 | 1.000 |" in (tmp_path / "a" / "results.md").read_text()
+
+    with monkeypatch.context() as patch:  # episode 1 alone (frames 6-10; its frames 0, 2, 4), which the run trained on
+        patch.setattr(Gr00tPolicy, "sample", expert_windows)
+        rows = sft_open_loop.main(sft_open_loop.Args(tmp_path / "run", first_episode=1, stride=2, device="cpu",
+                                                     out=tmp_path / "e1"))
+        assert [(r["phase"], r["frames"]) for r in rows] == [("round 1 approach", 1), ("round 1 descend", 1),
+                                                             ("round 1 close", 1), ("every frame", 3)]
+        assert all(r["translation_mm"] == 0.0 for r in rows)
+        assert "every 2th frame of episodes 1 to 1 (trained on)" in (tmp_path / "e1" / "results.md").read_text()
+    sft.train(dataclasses.replace(cfg, num_episodes=1, run_dir=str(tmp_path / "run_ep0")))
+    sft_open_loop.main(sft_open_loop.Args(tmp_path / "run_ep0", first_episode=1, device="cpu", out=tmp_path / "h"))
+    assert "of episodes 1 to 1 (held out)" in (tmp_path / "h" / "results.md").read_text()
 
     first = sft_open_loop.main(sft_open_loop.Args(tmp_path / "run", stride=2, device="cpu", out=tmp_path / "b"))
     again = sft_open_loop.main(sft_open_loop.Args(tmp_path / "run", stride=2, device="cpu", out=tmp_path / "c"))
