@@ -18,6 +18,7 @@ import eval as eval_script  # noqa: E402
 import loop_throughput  # noqa: E402
 import scaling  # noqa: E402
 import sft_levers  # noqa: E402
+import sft_loss_curves  # noqa: E402
 import sft_open_loop  # noqa: E402
 import sft_throughput  # noqa: E402
 import stack_cube_sft_rl  # noqa: E402
@@ -458,3 +459,32 @@ def test_demo_loading_refuses_bad_input(tmp_path):
     (tmp_path / "meta" / "info.json").write_text("{}")
     with pytest.raises(SystemExit, match="--held-gb must be 0 or more"):
         demo_loading.check(demo_loading.Args(dataset=tmp_path, held_gb=(-1.0,)))
+
+
+def test_sft_loss_curves_pairs_the_runs_steps_window_by_window(tmp_path):
+    def fake_run(name, losses, **config):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"seed": 1, "run_dir": str(run), "env": {"image_size": 128},
+                                                     **config}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "sft/loss": v}) + "\n"
+                                                   for s, v in losses.items()))
+        return run
+
+    base = fake_run("frozen", {10: 1.0, 20: 0.8, 30: 0.6, 40: 0.5}, tune_llm=False)
+    other = fake_run("trained", {10: 1.2, 20: 0.6, 30: 0.5, 40: 0.5}, tune_llm=True, env={"image_size": 64})
+    rows = sft_loss_curves.main(sft_loss_curves.Args(runs=[base, other], window=20, out=tmp_path / "out"))
+    assert [r["steps"] for r in rows] == [[1, 20], [21, 40]] and [r["logged"] for r in rows] == [2, 2]
+    assert rows[0]["mean_loss"] == pytest.approx([0.9, 0.9]) and rows[0]["lower_at"] == [1]
+    assert rows[1]["mean_loss"] == pytest.approx([0.55, 0.5]) and rows[1]["difference"] == pytest.approx([-0.05])
+    assert rows[1]["lower_at"] == [1]  # step 40 is a tie: not lower
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert markdown.startswith("Settings that differ: env.image_size: frozen 128, trained 64; "
+                               "tune_llm: frozen False, trained True.")  # run_dir left out
+    assert "| 1–20 | 2 | 0.900 | 0.900 | +0.000 | 1/2 |" in markdown
+    assert "| 21–40 | 2 | 0.550 | 0.500 | -0.050 | 1/2 |" in markdown
+    fake_run("elsewhere", {15: 1.0})
+    with pytest.raises(SystemExit, match="logged no step in common"):
+        sft_loss_curves.main(sft_loss_curves.Args(runs=[base, tmp_path / "elsewhere"], out=tmp_path / "x"))
+    with pytest.raises(SystemExit, match="is not a train.py sft run directory"):
+        sft_loss_curves.main(sft_loss_curves.Args(runs=[base, tmp_path / "missing"], out=tmp_path / "x"))
