@@ -315,8 +315,19 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                            "--output", str(args.out / "eval" / name),
                                            *([] if args.eval_action_exec_horizon is None else
                                              ["--action-exec-horizon", str(args.eval_action_exec_horizon)])))
-                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" in todo else [])
+                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" in todo and not open_loop_done(args)
+                                                  else [])
     return []
+
+
+def open_loop_done(args: Args) -> bool:
+    """Whether <out>/eval/sft_open_loop already holds the open-loop fit of the SFT model's newest checkpoint (e.g.
+    copied from a run that evaluated the same model with another --eval-action-exec-horizon)."""
+    results = read_json(args.out / "eval" / "sft_open_loop" / "results.json")
+    if results.get("checkpoint") == str(find_checkpoint(sft_dir(args))):
+        print(f"eval: the open-loop fit of {results['checkpoint']} is there already; kept", flush=True)
+        return True
+    return False
 
 
 def open_loop_job(args: Args) -> Job:

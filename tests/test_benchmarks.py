@@ -167,6 +167,14 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
     assert open_loop_args.run == tmp_path / "sft" and open_loop_args.out == tmp_path / "eval" / "sft_open_loop"
     cfgs = [tyro.cli(eval_script.EvalConfig, args=job.cmd[2:]) for job in evals]
     assert {(c.num_episodes, c.seed, c.deterministic, c.action_exec_horizon) for c in cfgs} == {(256, 12345, True, 8)}
+    # the open-loop fit does not depend on --eval-action-exec-horizon: one of this checkpoint is kept
+    (tmp_path / "eval" / "sft_open_loop").mkdir()
+    (tmp_path / "eval" / "sft_open_loop" / "results.json").write_text(
+        json.dumps({"checkpoint": str(tmp_path / "sft" / "checkpoints" / "iter_000004")}))  # an older one
+    assert stack_cube_sft_rl.phase_jobs("eval", args)[-1].name == "open_loop_sft"
+    (tmp_path / "eval" / "sft_open_loop" / "results.json").write_text(
+        json.dumps({"checkpoint": str(tmp_path / "sft" / "checkpoints" / "iter_000005")}))
+    assert [job.name for job in stack_cube_sft_rl.phase_jobs("eval", args)] == ["eval_sft", "eval_ppo_lr1e-05"]
 
 
 def test_stack_cube_pipeline_starts_rl_from_another_sft_run(tmp_path):
