@@ -19,6 +19,7 @@ Phases (`--phases` picks some; each reads what the earlier ones wrote under --ou
   rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
   eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions; and
           the SFT model's open-loop fit of its demos by expert phase              (benchmarks/sft_open_loop.py)
+          (a model's eval, or the fit, already under <out>/eval for its newest checkpoint is kept)
   report  results.md / results.json (success with 95 % intervals, milestones reached) and
           success_vs_env_steps.png (against env steps and RL minutes)
 
