@@ -303,12 +303,9 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
     if phase == "eval":
         todo = {}
         for name, run in models(args).items():
-            summary = args.out / "eval" / name / "summary.json"
             if not any(run.glob("checkpoints/iter_*/state.json")):
                 print(f"eval: {name} has no checkpoint yet; skipped", flush=True)
-            elif summary.is_file() and json.loads(summary.read_text())["checkpoint"] == str(find_checkpoint(run)):
-                print(f"eval: {name} was already evaluated at {find_checkpoint(run)}; kept", flush=True)
-            else:
+            elif not done_at_newest(args.out / "eval" / name / "summary.json", run, f"the eval of {name}"):
                 todo[name] = run
         return [Job(f"eval_{name}", python("eval.py", "--checkpoint", str(run), "--num-episodes", str(args.eval_episodes),
                                            "--num-envs", str(args.eval_num_envs), "--seed", str(args.eval_seed),
@@ -316,19 +313,20 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                            "--output", str(args.out / "eval" / name),
                                            *([] if args.eval_action_exec_horizon is None else
                                              ["--action-exec-horizon", str(args.eval_action_exec_horizon)])))
-                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" in todo and not open_loop_done(args)
-                                                  else [])
+                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" in todo and not done_at_newest(
+                    args.out / "eval" / "sft_open_loop" / "results.json", sft_dir(args), "the open-loop fit") else [])
     return []
 
 
-def open_loop_done(args: Args) -> bool:
-    """Whether <out>/eval/sft_open_loop already holds the open-loop fit of the SFT model's newest checkpoint (e.g.
-    copied from a run that evaluated the same model with another --eval-action-exec-horizon)."""
-    results = read_json(args.out / "eval" / "sft_open_loop" / "results.json")
-    if results.get("checkpoint") == str(find_checkpoint(sft_dir(args))):
-        print(f"eval: the open-loop fit of {results['checkpoint']} is there already; kept", flush=True)
-        return True
-    return False
+def done_at_newest(results: Path, run: Path, what: str) -> bool:
+    """Whether `results` (an eval's summary.json, sft_open_loop's results.json) was computed at `run`'s newest
+    checkpoint, and so is kept (the open-loop fit may be a copy from a run that evaluated the same model with
+    another --eval-action-exec-horizon: it does not depend on that)."""
+    newest = str(find_checkpoint(run))
+    if read_json(results).get("checkpoint") != newest:
+        return False
+    print(f"eval: {what} at {newest} is there already; kept", flush=True)
+    return True
 
 
 def open_loop_job(args: Args) -> Job:

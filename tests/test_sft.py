@@ -116,6 +116,7 @@ def test_sft_trains_each_step_on_its_own_frames_each_gathered_once(tmp_path, mon
     trained_on.clear()  # --num-episodes 1: every frame comes from the first episode (frames 0-11)
     sft.train(sft.SFTConfig(dataset=str(root), num_episodes=1, num_iterations=2, batch_size=5, seed=3,
                             run_dir=str(tmp_path / "run1"), env=TaskConfig(image_size=32), device="cpu"))
+    assert len(trained_on) == 2
     for step, state in enumerate(trained_on):
         assert torch.equal(state, demos.state[frames_of(12, 5, 3, step)]), step
 
