@@ -2,13 +2,15 @@
 the runs differ.
 
     python benchmarks/sft_levers.py runs/sc_base runs/sc_crop runs/sc_crop_exec8 --out runs/sft_levers
+    python benchmarks/sft_levers.py runs/sft_levers/results.json runs/sc_longer --out runs/sft_levers_2
 
 Each run folder holds the results.json of the pipeline's report phase, which records how its SFT model was made
 (the SFT run's config, the demos' size and recording) and how it was evaluated. The table has a column for each
 setting whose value is not the same in every run (among them "passes": SFT steps x batch / demo frames), then the SFT
 success with its 95 % interval and the share of episodes that reached each milestone. A model trained by several SFT
 runs in a row (`stack_cube_sft_rl.py --sft-policy <earlier run>/sft/gr00t`) shows their steps as "4329+3000" and
-the passes of all of them. Writes results.md and results.json under --out.
+the passes of all of them. The results.json of an earlier table stands for its rows, so a table can grow run by run
+after the run folders are gone. Writes results.md and results.json under --out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import write_results  # noqa: E402
+from benchmarks.stack_cube_sft_rl import sft_chain  # noqa: E402
 
 # setting name -> where it is in a results.json (the SFT config, the demos, the pipeline's eval arguments)
 SETTINGS = {
@@ -42,12 +45,16 @@ SETTINGS = {
     "eval episodes": ("args", "eval_episodes"),
     "eval seed": ("args", "eval_seed"),
 }
+# the table's setting columns: SETTINGS and, after "batch", "passes"
+COLUMNS = [*list(SETTINGS)[:list(SETTINGS).index("batch") + 1], "passes",
+           *list(SETTINGS)[list(SETTINGS).index("batch") + 1:]]
 
 
 @dataclass
 class Args:
     runs: tyro.conf.Positional[list[Path]]
-    """`stack_cube_sft_rl.py` output folders (each with results.json), in the order of the table's rows."""
+    """`stack_cube_sft_rl.py` output folders (each with results.json), or the results.json of an earlier table (its
+    rows), in the order of the table's rows."""
     out: Path = Path("runs/sft_levers")
     """Where results.md and results.json go."""
 
@@ -71,22 +78,12 @@ def shown(name: str, value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def sft_chain(results: dict) -> list[dict]:
-    """The SFT recipes that made a run's model, first to last: a run that trained on from another run's export
-    holds that run's recipe under "continues"."""
-    chain, recipe = [], results["sft_recipe"]
-    while recipe:
-        chain.insert(0, recipe)
-        recipe = recipe.get("continues")
-    return chain
-
-
 def recipe_settings(results: dict) -> dict:
     """The SETTINGS of a run's model, and "passes" (SFT steps x batch / demo frames: how often the SFT saw each
     frame; None where a frame count is unknown) after "batch". A model made by several SFT runs in a row has the
     last run's settings, the first one's policy and model size, and its steps and batch sizes joined by "+"; its
     passes add up."""
-    chain = sft_chain(results)
+    chain = sft_chain(results["sft_recipe"])
     settings = {name: lookup(results, where) for name, where in SETTINGS.items()}
     links = [(lookup(r, ("config", "num_iterations")), lookup(r, ("config", "batch_size")),
               lookup(r, ("demos", "frames"))) for r in chain]
@@ -97,12 +94,17 @@ def recipe_settings(results: dict) -> dict:
         settings["model px"] = lookup(chain[0], ("config", "gr00t_image_size"))
         settings["SFT steps"] = "+".join(str(steps) for steps, _, _ in links)
         settings["batch"] = "+".join(str(batch) for _, batch, _ in links)
-    names = list(settings)
-    names.insert(names.index("batch") + 1, "passes")
-    return {name: passes if name == "passes" else settings[name] for name in names}
+    return {name: passes if name == "passes" else settings[name] for name in COLUMNS}
 
 
-def load(run: Path) -> dict:
+def load(run: Path) -> list[dict]:
+    """The table row of a run folder, or the rows of an earlier table's results.json."""
+    if run.is_file():
+        rows = json.loads(run.read_text())
+        if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and "settings" in r for r in rows)):
+            raise SystemExit(f"error: {run} is not the results.json of an sft_levers table (a list of rows with "
+                             "'settings'); name a stack_cube_sft_rl.py output folder or such a file")
+        return rows
     path = run / "results.json"
     if not path.is_file():
         raise SystemExit(f"error: {path} is missing: run stack_cube_sft_rl.py's report phase for {run} first")
@@ -113,23 +115,24 @@ def load(run: Path) -> dict:
     sft = next((r for r in results["rows"] if r["model"] == "sft"), None)
     if sft is None:
         raise SystemExit(f"error: {path} has no evaluated SFT model: run its eval phase first")
-    return {"run": str(run), "settings": recipe_settings(results),
-            "success_rate": sft["success_rate"], "episodes": sft["episodes"], "ci95": sft["ci95"],
-            "milestone_rates": sft["milestone_rates"], "device": results["device"]}
+    return [{"run": str(run), "settings": recipe_settings(results),
+             "success_rate": sft["success_rate"], "episodes": sft["episodes"], "ci95": sft["ci95"],
+             "milestone_rates": sft["milestone_rates"], "device": results["device"]}]
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: the settings that differ between the rows, success [95 % interval], milestones."""
-    names = list(rows[0]["settings"])
-    varied = [name for name in names if len({json.dumps(r["settings"][name]) for r in rows}) > 1]
-    same = {name: rows[0]["settings"][name] for name in names if name not in varied}
+    """Markdown: the settings that differ between the rows, success [95 % interval], milestones. A setting that an
+    earlier table's row lacks (a column added since) shows as "?"."""
+    names = [name for name in COLUMNS if any(name in r["settings"] for r in rows)]
+    varied = [name for name in names if len({json.dumps(r["settings"].get(name)) for r in rows}) > 1]
+    same = {name: rows[0]["settings"].get(name) for name in names if name not in varied}
     milestones = list(dict.fromkeys(m for r in rows for m in r["milestone_rates"]))
     lines = ["Shared by every run: " + ", ".join(f"{name} {shown(name, v)}" for name, v in same.items()) + "; "
              + ", ".join(sorted({r["device"] for r in rows})) + ".", "",
              "| run | " + " | ".join(varied + ["SFT success [95 % interval]"] + milestones) + " |",
              "|---|" + "---|" * len(varied) + "---:|" * (1 + len(milestones))]
     for r in rows:
-        cells = [shown(name, r["settings"][name]) for name in varied]
+        cells = [shown(name, r["settings"][name]) if name in r["settings"] else "?" for name in varied]
         cells.append(f"{r['success_rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] ({r['episodes']} ep)")
         cells += [f"{r['milestone_rates'][m]:.3f}" if m in r["milestone_rates"] else "" for m in milestones]
         lines.append(f"| {Path(r['run']).name} | " + " | ".join(cells) + " |")
@@ -139,7 +142,7 @@ def table(rows: list[dict]) -> str:
 def main(args: Args) -> list[dict]:
     if not args.runs:
         raise SystemExit("error: name at least one stack_cube_sft_rl.py output folder")
-    rows = [load(run) for run in args.runs]
+    rows = [row for run in args.runs for row in load(run)]
     markdown = table(rows)
     write_results(args.out, markdown, rows)
     print(markdown)

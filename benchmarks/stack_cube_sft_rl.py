@@ -369,6 +369,15 @@ def sft_recipe(sft_run: Path, default_demos: Path) -> dict:
     return recipe
 
 
+def sft_chain(recipe: dict) -> list[dict]:
+    """The SFT recipes that made a model, first to last (a recipe holds the one it continues under "continues")."""
+    chain = []
+    while recipe:
+        chain.insert(0, recipe)
+        recipe = recipe.get("continues")
+    return chain
+
+
 def report(args: Args) -> dict:
     """results.json, results.md and the plot, from what the phases wrote."""
     evals = {name: json.loads((args.out / "eval" / name / "summary.json").read_text())
@@ -402,9 +411,15 @@ def report(args: Args) -> dict:
         import torch
 
         device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
-    lines = [f"`{args.task}` ({args.image_size} px), GR00T `{args.sft_policy}`: SFT on {recipe['demos']['episodes'] or '?'} "
-             f"expert demos, then RL; {device}. Eval: {args.eval_episodes} episodes from seed {args.eval_seed}, "
-             "deterministic actions; success with its 95 % Wilson interval.", "",
+    # the GR00T preset the model started from: a run that continues an earlier SFT run names that run's
+    chain = sft_chain(recipe)
+    policy = chain[0]["config"].get("policy", args.sft_policy) if chain[0]["config"] else args.sft_policy
+    continued = f" ({len(chain)} SFT runs in a row)" if len(chain) > 1 else ""
+    executed = ("" if args.eval_action_exec_horizon is None else
+                f", the first {args.eval_action_exec_horizon} actions of each chunk executed")
+    lines = [f"`{args.task}` ({args.image_size} px), GR00T `{policy}`: SFT on {recipe['demos']['episodes'] or '?'} "
+             f"expert demos{continued}, then RL; {device}. Eval: {args.eval_episodes} episodes from seed "
+             f"{args.eval_seed}, deterministic actions{executed}; success with its 95 % Wilson interval.", "",
              "| model | success [95 % interval] | gain over SFT | intervals apart | RL iterations | RL env steps | "
              "RL time (rollout + update) |",
              "|---|---:|---:|:---:|---:|---:|---:|"]

@@ -422,6 +422,8 @@ def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
     # the Wilson intervals of 64/256 and 128/256 as in test_stack_cube_report_intervals_gains_and_milestones
     assert "| base | no | all (16) | 0.250 [0.201, 0.306] (256 ep) | 0.900 | 0.250 |" in markdown
     assert "| crop8 | yes | 8 | 0.312 [0.259, 0.372] (256 ep) | 0.900 | 0.312 |" in markdown
+    assert "deterministic actions, the first 8 actions of each chunk executed;" in (runs[2] / "results.md").read_text()
+    assert "deterministic actions;" in (runs[0] / "results.md").read_text()
     with pytest.raises(SystemExit, match="results.json is missing"):
         sft_levers.main(sft_levers.Args(runs=[tmp_path / "nowhere"], out=tmp_path / "levers"))
 
@@ -440,6 +442,30 @@ def test_sft_levers_adds_up_a_model_trained_by_two_sft_runs_in_a_row(tmp_path):
     markdown = (tmp_path / "levers" / "results.md").read_text()
     assert "| run | SFT steps | batch | passes | SFT success [95 % interval] | reach_red | place_green |" in markdown
     assert "| second | 2500+2500 | 64+64 | 1.45 | 0.375 [" in markdown
+    # the pipeline's own report names the preset the model started from, not the export it continued
+    assert "GR00T `gr00t-small`: SFT on 600 expert demos (2 SFT runs in a row), then RL" in (
+        second / "results.md").read_text()
+
+
+def test_sft_levers_grows_an_earlier_table(tmp_path):
+    """An earlier table's results.json stands for its rows; a column added since shows "?" in its old rows."""
+    sft_levers.main(sft_levers.Args(runs=[fake_sft_run(tmp_path / "base", 64, False, None)], out=tmp_path / "old"))
+    old = json.loads((tmp_path / "old" / "results.json").read_text())
+    del old[0]["settings"]["language model trained"]
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    crop = fake_sft_run(tmp_path / "crop", 128, True, None)
+    config = json.loads((crop / "sft" / "config.json").read_text())
+    (crop / "sft" / "config.json").write_text(json.dumps({**config, "tune_llm": True}))
+    stack_cube_sft_rl.report(stack_cube_sft_rl.Args(out=crop, rl_algos=[], device="cpu"))
+    rows = sft_levers.main(sft_levers.Args(runs=[tmp_path / "old" / "results.json", crop], out=tmp_path / "new"))
+    assert [Path(r["run"]).name for r in rows] == ["base", "crop"]
+    markdown = (tmp_path / "new" / "results.md").read_text()
+    assert "| run | language model trained | random crop | SFT success [95 % interval] |" in markdown
+    assert "| base | ? | no | 0.250 [0.201, 0.306] (256 ep) |" in markdown
+    assert "| crop | yes | yes | 0.500 [" in markdown
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="bad.json is not the results.json of an sft_levers table"):
+        sft_levers.main(sft_levers.Args(runs=[tmp_path / "bad.json"], out=tmp_path / "new"))
 
 
 def test_demo_loading_decodes_every_episode_both_ways_and_restores_the_switch(tmp_path, monkeypatch):
