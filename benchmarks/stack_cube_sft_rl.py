@@ -64,7 +64,7 @@ class Args:
     """Seed of SFT and of the RL runs."""
     task: str = "Leanvla-Lift-Red-Cube-Franka-IK-Rel-Visuomotor"
     """Camera task with a scripted expert: stack-cube's first pick alone (160 steps; the default, since SFT on
-    full stack-cube has reached 3.9 % here so far, `benchmarks/results/sft_rl_stack_cube/`: few successes for RL
+    full stack-cube has reached 10.9 % here so far, `benchmarks/results/sft_rl_stack_cube/`: few successes for RL
     to reinforce), or
     `IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor` (448 steps)."""
     image_size: int = 128
