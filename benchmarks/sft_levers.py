@@ -46,8 +46,8 @@ SETTINGS = {
     "eval seed": ("args", "eval_seed"),
 }
 # the table's setting columns: SETTINGS and, after "batch", "passes"
-COLUMNS = [*list(SETTINGS)[:list(SETTINGS).index("batch") + 1], "passes",
-           *list(SETTINGS)[list(SETTINGS).index("batch") + 1:]]
+COLUMNS = list(SETTINGS)
+COLUMNS.insert(COLUMNS.index("batch") + 1, "passes")
 
 
 @dataclass

@@ -411,7 +411,7 @@ def report(args: Args) -> dict:
         import torch
 
         device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
-    # the GR00T preset the model started from: a run that continues an earlier SFT run names that run's
+    # the GR00T preset the model started from: the first SFT run's --policy (a later run's names an export)
     chain = sft_chain(recipe)
     policy = chain[0]["config"].get("policy", args.sft_policy) if chain[0]["config"] else args.sft_policy
     continued = f" ({len(chain)} SFT runs in a row)" if len(chain) > 1 else ""
