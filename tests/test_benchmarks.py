@@ -363,9 +363,14 @@ def test_sft_throughput_runs_every_batch_size_and_blocks_and_compares_with_the_f
                     ("gr00t-small", 126, 256, True)]
     assert [r["speedup"] for r in rows] == [1.0, 4.0, 2.0, 8.0]
     markdown = (tmp_path / "out" / "results.md").read_text()
-    assert "| gr00t-small | 224 | 256 | compiled | 600 | 2.3 | 4.00x | 0.5000 | 60 s |" in markdown
-    assert "| gr00t-small | 126 | 256 | compiled | 1200 | 4.7 | 8.00x | 0.5000 | 60 s |" in markdown
+    assert "| gr00t-small | 224 | 256 | compiled | 600 | 2.34 | 4.00x | 0.5000 | 60 s |" in markdown
+    assert "| gr00t-small | 126 | 256 | compiled | 1200 | 4.69 | 8.00x | 0.5000 | 60 s |" in markdown
     assert json.loads((tmp_path / "out" / "results.json").read_text())["args"]["batch_sizes"] == [64, 256]
+
+
+def test_sft_throughput_writes_a_cpu_rate_to_three_digits():
+    assert [sft_throughput.three_digits(x) for x in (1670.4, 100.0, 99.94, 2.28118, 0.0653)] == \
+        ["1670", "100", "99.9", "2.28", "0.0653"]
 
 
 def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
