@@ -157,7 +157,7 @@ class IsaacLabEnv:
         if self.cfg.max_episode_steps is not None:
             if self.cfg.max_episode_steps < 1:
                 raise ValueError(f"max_episode_steps must be >= 1, got {self.cfg.max_episode_steps}")
-            env_cfg.episode_length_s = self.cfg.max_episode_steps * env_cfg.sim.dt * env_cfg.decimation
+            tasks.set_episode_steps(env_cfg, self.cfg.max_episode_steps)
         return env_cfg
 
     def _launch_env(self, env_cfg):

@@ -37,6 +37,13 @@ def spec_for(task: str) -> TaskSpec:
     return StackCubeSpec() if task in STACK_TASKS else GenericSpec()
 
 
+def set_episode_steps(env_cfg, steps: int) -> None:
+    """Set the time limit to `steps` env steps. Isaac Lab counts ceil(episode_length_s / (dt x decimation)) steps,
+    and steps x dt x decimation can round up past a whole number (53 x 0.01 x 5 / 0.05 = 53.00000000000001 -> 54),
+    so the length is half a step short of it."""
+    env_cfg.episode_length_s = (steps - 0.5) * env_cfg.sim.dt * env_cfg.decimation
+
+
 def patch_robot(env_cfg, kitless: bool) -> None:
     """Kit-less fixes for a Franka robot in any task (Newton ignores `disable_gravity` and reads no finger gains)."""
     robot = getattr(env_cfg.scene, "robot", None)
@@ -304,7 +311,7 @@ class StackCubeSpec(GenericSpec):
         env_cfg.events.keyed_reset = EventTermCfg(func=keyed_stack_reset, mode="reset")
         env_cfg.terminations.leanvla_progress = TerminationTermCfg(func=self.record_progress)
 
-        env_cfg.episode_length_s = self.episode_steps * env_cfg.sim.dt * env_cfg.decimation
+        set_episode_steps(env_cfg, self.episode_steps)
 
     def bind(self, env, adapter) -> None:
         env.leanvla_take_reset_keys = adapter.take_reset_keys

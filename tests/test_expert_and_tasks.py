@@ -1,6 +1,8 @@
 """The scripted expert stacks on the kit-less env; any Isaac Lab state task runs through the same adapter."""
 
 import json
+import math
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from envs.assets import FRANKA_ARM_GAINS, FRANKA_FINGER_GAINS, ensure_offline_as
 from envs.expert import APPROACH, CLOSE, DONE, StackExpert
 from envs.lerobot import LeRobotDataset
 from envs.tasks import (LIFT_BLUE_INSTRUCTION, LIFT_CUBE, LIFT_HEIGHT, LIFT_INSTRUCTION, LIFT_RED_OR_BLUE,
-                         STACK_INSTRUCTION, axis_angle, pick_progress)
+                         STACK_INSTRUCTION, axis_angle, pick_progress, set_episode_steps)
 
 
 def test_offline_franka_has_real_drives():
@@ -163,6 +165,16 @@ def test_pick_progress_hand_computed():
     assert pick_progress(tcp, gap, block).tolist() == [[True, False, False], [True, True, False],
                                                        [True, False, False], [True, True, True],
                                                        [False, False, True]]
+
+
+def test_episode_steps_survive_isaac_labs_conversion_to_seconds_and_back():
+    # Isaac Lab's max_episode_length: ceil(episode_length_s / (dt x decimation)); the plain product overshoots
+    assert math.ceil(53 * 0.01 * 5 / (0.01 * 5)) == 54
+    for dt, decimation in [(0.01, 5), (1 / 120, 2), (1 / 60, 2), (0.005, 4)]:  # stack/lift, cartpole, reach, other
+        cfg = types.SimpleNamespace(sim=types.SimpleNamespace(dt=dt), decimation=decimation)
+        for steps in range(1, 3001):
+            set_episode_steps(cfg, steps)
+            assert math.ceil(cfg.episode_length_s / (dt * decimation)) == steps, (dt, decimation, steps)
 
 
 def test_an_expert_stack_episode_reaches_every_milestone_in_order():
