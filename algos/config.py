@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,17 @@ def check_positive(cfg: Any, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+
+
+def check_range(cfg: Any, name: str, low: float, high: float = math.inf, closed: bool = False) -> None:
+    """The named flag lies in the open interval (low, high), or in [low, high] with `closed`."""
+    value = getattr(cfg, name)
+    if not (low <= value <= high if closed else low < value < high):
+        if high == math.inf:
+            wanted = f"{'>=' if closed else '>'} {low:g}"
+        else:
+            wanted = f"in {'[' if closed else '('}{low:g}, {high:g}{']' if closed else ')'}"
+        raise ConfigError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
 
 
 def check_run_config(cfg: RunConfig) -> None:

@@ -41,10 +41,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_grads(params: list[torch.Tensor], bucket_numel: int = 1 << 25) -> None:
-    """Average the gradients of `params` over ranks in a few flat buckets (a missing gradient counts as zero)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """Average the gradients of `params` over ranks in a few flat buckets. A param without a gradient on one rank
+    counts as zero there; one without a gradient on every rank keeps none, so that AdamW skips it as it does in a
+    single process (a zero gradient would still advance its step count and decay its moments)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not params:
         return
     world_size = dist.get_world_size()
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad)
+    params = [p for p, anywhere in zip(params, has_grad.tolist()) if anywhere]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from algos import checkpoint
-from algos.config import ConfigError, RLConfig, check_positive, check_rl_config
+from algos.config import ConfigError, RLConfig, check_positive, check_range, check_rl_config
 from algos.distributed import all_reduce_sum
-from algos.ppo import clipped_policy_loss, minibatch_indices
+from algos.ppo import check_policy_update, clipped_policy_loss, minibatch_indices
 from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
 from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_params,
                        optimizer_step, out_of_time, perf_metrics, progress, rank_env_config, show, start_run, timestamp)
@@ -99,11 +99,16 @@ def group_reset_keys(seed: int, iteration: int, rank: int, world_size: int, num_
 def update(cfg: GRPOConfig, policy: Policy, params: Params, optimizer: torch.optim.Optimizer,
            rows: dict[str, torch.Tensor], run: Run) -> dict[str, float]:
     """`update_epochs` passes of minibatch AdamW steps of the clipped surrogate over `rows` (this rank's kept
-    decisions). Every rank takes the same number of steps; a rank with no rows in a minibatch contributes zero."""
+    decisions; ranks may hold different numbers). Each step minimises the mean over the minibatch's rows of all
+    ranks; a minibatch with no rows on any rank takes no step (AdamW's momentum and weight decay would still move
+    the params), and a rank with none while others have some contributes a zero gradient to their step."""
     num_rows = rows["advantages"].shape[0]
     totals: dict[str, list[torch.Tensor]] = {}
     for _ in range(cfg.update_epochs):
         for idx in minibatch_indices(num_rows, cfg.num_minibatches, run.generator):
+            all_rows = all_reduce_sum(torch.tensor(float(idx.numel()), device=run.device)).item()
+            if all_rows == 0:
+                continue
             if idx.numel() == 0:
                 loss = sum((p * 0).sum() for p in optimizer_params(optimizer))
                 optimizer_step(optimizer, loss, cfg.max_grad_norm)
@@ -115,7 +120,10 @@ def update(cfg: GRPOConfig, policy: Policy, params: Params, optimizer: torch.opt
                                                  cfg.clip_coef, cfg.dual_clip)
             entropy = entropy.float().mean() if entropy is not None else torch.zeros((), device=run.device)
             loss = pg_loss - cfg.ent_coef * entropy
-            grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
+            # this rank's share of the rows: DDP averages the gradients over ranks, so the step is that of the
+            # mean over all rows (each row weighs the same whichever rank holds it); 1 in a single process
+            share = idx.numel() * run.world_size / all_rows
+            grad_norm = optimizer_step(optimizer, loss * share, cfg.max_grad_norm)
             for k, v in {"actor/loss": loss, "actor/entropy": entropy, "actor/grad_norm": grad_norm,
                          "actor/approx_kl": stats["approx_kl"], "actor/pg_clipfrac": stats["clipfrac"]}.items():
                 totals.setdefault(k, []).append(v.detach().float())
@@ -129,7 +137,11 @@ def update(cfg: GRPOConfig, policy: Policy, params: Params, optimizer: torch.opt
 
 def check_config(cfg: GRPOConfig) -> None:
     check_rl_config(cfg)
-    check_positive(cfg, "group_size", "update_epochs", "num_minibatches")
+    check_positive(cfg, "update_epochs", "num_minibatches")
+    if cfg.group_size < 2:  # a lone env is its group's mean: its advantage is always 0
+        raise ConfigError(f"--group-size must be >= 2 (advantages compare the envs of a group), got {cfg.group_size}")
+    check_range(cfg, "adv_eps", 0)
+    check_policy_update(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     stage_envs = cfg.env.num_envs // world_size // cfg.pipeline_stages
     if stage_envs % cfg.group_size:
@@ -137,8 +149,6 @@ def check_config(cfg: GRPOConfig) -> None:
             f"--env.num-envs {cfg.env.num_envs} over {world_size} rank(s) and {cfg.pipeline_stages} pipeline stage(s) "
             f"gives {stage_envs} envs per stage, not divisible by --group-size {cfg.group_size} (groups must not "
             "straddle ranks or stages)")
-    if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-        raise ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
     if cfg.max_decisions is not None and cfg.max_decisions < 1:
         raise ConfigError(f"--max-decisions must be >= 1, got {cfg.max_decisions}")
 
@@ -175,7 +185,7 @@ def train(cfg: GRPOConfig, make_env: Callable | None = None) -> dict:
         success_seen.zero_()
         num_decisions = cfg.max_decisions or env.max_episode_steps  # the time limit ends every episode by then
         batch, obs, stats = collect_rollout(env, policy, params, obs, num_decisions, run, success_seen,
-                                                          stop_when_all_done=True)
+                                                          first_episodes=True)
 
         # 2. Group-relative advantages of each env's first episode, broadcast to its decisions.
         in_episode = first_episode_mask(batch["terminated"] | batch["truncated"])

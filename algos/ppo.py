@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from algos import checkpoint
-from algos.config import ConfigError, RLConfig, check_positive, check_rl_config
+from algos.config import ConfigError, RLConfig, check_positive, check_range, check_rl_config
 from algos.distributed import all_reduce_sum
 from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
 from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_step,
@@ -270,19 +270,33 @@ def check_config(cfg: PPOConfig) -> None:
                               "instance in the training process)")
     check_rl_config(cfg)
     check_positive(cfg, "num_steps", "update_epochs", "num_minibatches")
-    if cfg.num_minibatches > cfg.num_steps * cfg.env.num_envs:
-        raise ConfigError(f"--num-minibatches {cfg.num_minibatches} exceeds the rollout's "
-                                 f"{cfg.num_steps * cfg.env.num_envs} rows (--num-steps x --env.num-envs)")
-    if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-        raise ConfigError(f"--dual-clip must be > 1, got {cfg.dual_clip}")
-    if cfg.value_warmup_iterations < 0:
-        raise ConfigError(f"--value-warmup-iterations must be >= 0, got {cfg.value_warmup_iterations}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank_rows = cfg.num_steps * (cfg.env.num_envs // world_size)
+    if cfg.num_minibatches > rank_rows:
+        raise ConfigError(f"--num-minibatches {cfg.num_minibatches} exceeds the {rank_rows} rows of each of the "
+                          f"{world_size} DDP rank(s) (--num-steps x --env.num-envs / ranks)")
+    check_policy_update(cfg)
+    check_range(cfg, "gamma", 0, 1, closed=True)
+    check_range(cfg, "gae_lambda", 0, 1, closed=True)
+    if cfg.clip_vloss:
+        check_range(cfg, "vf_clip_coef", 0)
+    if cfg.value_loss == "huber":
+        check_range(cfg, "huber_delta", 0)
+    if cfg.lr_schedule == "adaptive":
+        check_range(cfg, "desired_kl", 0)
+    check_range(cfg, "value_warmup_iterations", 0, closed=True)
     low, high = cfg.adaptive_lr_bounds
     if cfg.lr_schedule == "adaptive" and not 0 < low <= cfg.learning_rate <= high:
         raise ConfigError(f"--learning-rate {cfg.learning_rate:g} is outside --adaptive-lr-bounds "
                                  f"{low:g} {high:g} of the adaptive schedule")
-    if not 0 < cfg.clip_coef < 1:
-        raise ConfigError(f"--clip-coef must be in (0, 1), got {cfg.clip_coef}")
+
+
+def check_policy_update(cfg: RLConfig) -> None:
+    """The flags of the clipped-surrogate update that PPO and GRPO share."""
+    check_range(cfg, "clip_coef", 0, 1)
+    if cfg.dual_clip is not None:
+        check_range(cfg, "dual_clip", 1)
+    check_range(cfg, "max_grad_norm", 0)
 
 
 def train(cfg: PPOConfig, make_env: Callable | None = None) -> dict:

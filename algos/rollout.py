@@ -59,11 +59,12 @@ class Episodes:
 
 
 def play_chunk(env: Env, actions: torch.Tensor, success_seen: torch.Tensor, episodes: Episodes,
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               counting: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Step the env through a chunk of actions [N, T, A]. Returns the obs after it and the decision's
     {"reward", "terminated", "truncated", "success"} [N], as the module docstring defines them. `success_seen` [N]
     (whether the current episode has succeeded yet) is updated in place; every episode that ends is added to
-    `episodes`."""
+    `episodes`, or with `counting` [N] bool only those of the sub-envs where it is set, and it is cleared in place
+    where an episode ends (so that each sub-env's first episode alone counts)."""
     n, device = env.num_envs, success_seen.device
     reward = torch.zeros(n, device=device)
     terminated = torch.zeros(n, dtype=torch.bool, device=device)
@@ -81,21 +82,26 @@ def play_chunk(env: Env, actions: torch.Tensor, success_seen: torch.Tensor, epis
         success |= info["success"] & ~ended
         success_seen |= info["success"]
         done = term | trunc
-        episodes.add(done, info["episode_return"], info["episode_length"], success_seen, info.get("milestones"))
+        counted = done if counting is None else done & counting
+        episodes.add(counted, info["episode_return"], info["episode_length"], success_seen, info.get("milestones"))
         success_seen &= ~done
+        if counting is not None:
+            counting &= ~done
     return obs, {"reward": reward, "terminated": terminated, "truncated": truncated, "success": success}
 
 
 def play_stage_chunk(env: Env, tensors: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
-    """`play_chunk` as a pipeline stage's function (envs/workers.py): tensors "actions" [n, T, A] and "success_seen"
-    [n] in; the seconds it took, and the obs ("obs.*"), the decision, "success_seen" and "episode_sums" out."""
-    seen = tensors["success_seen"]
+    """`play_chunk` as a pipeline stage's function (envs/workers.py): tensors "actions" [n, T, A], "success_seen"
+    [n] and optionally "counting" [n] in; the seconds it took, and the obs ("obs.*"), the decision, "success_seen",
+    "counting" (if given) and "episode_sums" out."""
+    seen, counting = tensors["success_seen"], tensors.get("counting")
     episodes = Episodes(seen.device, milestones=env.milestones)
     start = time.perf_counter()
-    obs, decision = play_chunk(env, tensors["actions"], seen, episodes)
+    obs, decision = play_chunk(env, tensors["actions"], seen, episodes, counting)
     if seen.device.type == "cuda":
         torch.cuda.synchronize(seen.device)
     return time.perf_counter() - start, {**flat("obs", obs), **decision, "success_seen": seen,
+                                         **({} if counting is None else {"counting": counting}),
                                          "episode_sums": episodes.sums}
 
 
@@ -117,7 +123,7 @@ class RolloutStats:
 
 @torch.no_grad()
 def collect_rollout(env: Env | StagedEnv, policy: Policy, params: Params, obs: dict[str, torch.Tensor],
-                    num_decisions: int, run: Run, success_seen: torch.Tensor, stop_when_all_done: bool = False,
+                    num_decisions: int, run: Run, success_seen: torch.Tensor, first_episodes: bool = False,
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RolloutStats]:
     """Run the policy for up to `num_decisions` decisions, sampling with the run's generator.
 
@@ -129,13 +135,17 @@ def collect_rollout(env: Env | StagedEnv, policy: Policy, params: Params, obs: d
     sample waits only for its own last chunk. The policy sees the stages' obs in that fixed order, so the numbers
     do not depend on timing; a plain env is one stage (sample, play, sample, play).
 
-    With `stop_when_all_done` (GRPO) the rollout ends at the start of a decision once every sub-env has ended an
-    episode, as far as the chunks finished by then show (stage 0's last chunk, the others' chunk before it: with
-    S > 1 stages that can be one decision more than needed, whose rows lie after every first episode)."""
+    With `first_episodes` (GRPO: each sub-env's first episode is what it learns from) the rollout ends at the start
+    of a decision once every sub-env has ended an episode, as far as the chunks finished by then show (stage 0's
+    last chunk, the others' chunk before it: with S > 1 stages that can be one decision more than needed, whose
+    rows lie after every first episode), and `stats` count the first episodes alone: episodes that end before
+    the others' first ones are the short ones, and counting them would tilt the env/* means toward them."""
     stages = env if isinstance(env, StagedEnv) else LocalStages([env])
     num_stages = stages.num_stages
     stage_obs = stages.split(obs)
     stage_seen = [success_seen[stages.stage_slice(s)] for s in range(num_stages)]
+    stage_counting = [torch.ones(stages.stage_envs, dtype=torch.bool, device=run.device) if first_episodes else None
+                      for s in range(num_stages)]
     episodes = Episodes(run.device, milestones=env.milestones)
     ended_once = torch.zeros(stages.num_envs, dtype=torch.bool, device=run.device)
     steps: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(num_stages)]
@@ -150,13 +160,15 @@ def collect_rollout(env: Env | StagedEnv, policy: Policy, params: Params, obs: d
         stage_obs[s] = unflat("obs", out)
         steps[s][-1].update({k: out[k] for k in ("reward", "terminated", "truncated", "success")})
         stage_seen[s].copy_(out["success_seen"])
+        if first_episodes:
+            stage_counting[s] = out["counting"]
         episodes.sums += out["episode_sums"]
         ended_once[stages.stage_slice(s)] |= out["terminated"] | out["truncated"]
 
     for decision in range(num_decisions):
         if decision > 0:
             finish_chunk(0)
-            if stop_when_all_done and bool(ended_once.all()):
+            if first_episodes and bool(ended_once.all()):
                 break
         for s in range(num_stages):
             if pending[s]:
@@ -168,7 +180,10 @@ def collect_rollout(env: Env | StagedEnv, policy: Policy, params: Params, obs: d
             if actions.device.type == "cuda":
                 torch.cuda.synchronize(actions.device)
             policy_time += time.perf_counter() - start
-            stages.submit(s, play_stage_chunk, {"actions": actions, "success_seen": stage_seen[s]})
+            chunk_in = {"actions": actions, "success_seen": stage_seen[s]}
+            if first_episodes:
+                chunk_in["counting"] = stage_counting[s]
+            stages.submit(s, play_stage_chunk, chunk_in)
             pending[s] = True
             steps[s].append(out)
             env_steps += actions.shape[0] * actions.shape[1]
@@ -195,8 +210,10 @@ def recompute_logprob(policy: Policy, params: Params, rows: dict[str, torch.Tens
     in the update, so that `evaluate` runs the update's kernels and compiled graphs; each minibatch's graph is
     dropped once its log-probs are detached."""
     num_rows = rows["logprob"].shape[0]
-    parts = []
+    parts = [rows["logprob"].new_zeros(0).float()]
     for idx in torch.tensor_split(torch.arange(num_rows, device=rows["logprob"].device), num_minibatches):
+        if idx.numel() == 0:  # e.g. GRPO with every group filtered out: nothing to evaluate
+            continue
         with run.autocast():
             logprob, _, _ = policy.evaluate(params, {k: v[idx] for k, v in rows.items()})
         parts.append(logprob.detach().float())

@@ -62,13 +62,42 @@ def _update(policy, params, rows, world_size: int, rank: int) -> dict:
     return {n: t.detach().clone() for n, t in params.items()}
 
 
+def _warmup_then_update(policy, params, rows, world_size: int, rank: int) -> dict:
+    """Two iterations of value warm-up (the policy's lr 0 and no policy loss), then one update of both."""
+    run = Run(CFG, "ppo", rank, world_size, torch.device("cpu"), torch.Generator().manual_seed(rank), None,
+              None, False)
+    optimizer = make_optimizer(policy, params, CFG.learning_rate, 1e-2, 0.0)
+    rows = dict(rows, advantages=ppo.normalize(rows["advantages"], all_reduce_sum))
+    for _ in range(2):
+        ppo.update(CFG, policy, params, optimizer, rows, run, train_policy=False)
+    ppo.update(CFG, policy, params, optimizer, rows, run)
+    return {n: t.detach().clone() for n, t in params.items()}
+
+
+GRPO_CFG = grpo.GRPOConfig(env=EnvConfig(task="toy", num_envs=2, device="cpu"), update_epochs=2, num_minibatches=1,
+                           mlp=MLPConfig(hidden_sizes=(8,)), learning_rate=3e-3)
+
+
+def _grpo_update(policy, params, rows, world_size: int, rank: int) -> dict:
+    run = Run(GRPO_CFG, "grpo", rank, world_size, torch.device("cpu"), torch.Generator().manual_seed(rank), None,
+              None, False)
+    optimizer = make_optimizer(policy, params, GRPO_CFG.learning_rate, None, 0.0, include_value=False)
+    grpo.update(GRPO_CFG, policy, params, optimizer, rows, run)
+    return {n: t.detach().clone() for n, t in params.items()}
+
+
 def _worker(rank: int, out_dir: str) -> None:
-    """One spawn for every DDP check (process start-up is the slow part): the update on fixed data, then
+    """One spawn for every DDP check (process start-up is the slow part): the updates on fixed data, then
     two iterations of each training loop."""
     setup_distributed("cpu")
     policy, params, rows = _fixed_batch()
     half = {k: v[rank * 8:(rank + 1) * 8] for k, v in rows.items()}  # each rank owns half of the data
     torch.save(_update(policy, params, half, WORLD, rank), Path(out_dir) / f"update_rank{rank}.pt")
+    policy, params, rows = _fixed_batch()
+    torch.save(_warmup_then_update(policy, params, half, WORLD, rank), Path(out_dir) / f"warmup_rank{rank}.pt")
+    policy, params, rows = _fixed_batch()
+    uneven = {k: (v[:2] if rank == 0 else v[2:]) for k, v in rows.items()}  # GRPO's kept rows differ by rank
+    torch.save(_grpo_update(policy, params, uneven, WORLD, rank), Path(out_dir) / f"grpo_update_rank{rank}.pt")
     for algo in ("ppo", "grpo"):  # train() joins the group set up above and leaves it to us
         _train(rank, algo, str(Path(out_dir) / algo))
     torch.distributed.destroy_process_group()
@@ -92,6 +121,18 @@ def test_ddp_update_equals_single_process_on_the_same_data(ddp_outputs):
         if policy.is_trainable(name):
             assert not torch.equal(single[name], initial[name]), name  # the update did move every parameter
     assert single["obs_norm.count"].item() == 16.0 and rank0["obs_norm.count"].item() == 16.0
+
+
+@pytest.mark.parametrize("name, update", [("warmup", _warmup_then_update), ("grpo_update", _grpo_update)])
+def test_ddp_equals_single_process_with_value_warmup_and_with_uneven_rows(ddp_outputs, name, update):
+    """PPO after value warm-up (the policy's params get no gradient on any rank: AdamW must skip them, not count
+    zero-gradient steps), and GRPO with 2 rows on one rank and 14 on the other (each row weighs the same)."""
+    rank0, rank1 = (torch.load(ddp_outputs / f"{name}_rank{r}.pt") for r in range(WORLD))
+    policy, params, rows = _fixed_batch()
+    single = update(policy, params, rows, 1, 0)
+    for n in single:
+        assert torch.equal(rank0[n], rank1[n]), n
+        assert torch.allclose(rank0[n], single[n], atol=1e-6, rtol=1e-5), n
 
 
 # ---- the whole training loop -------------------------------------------------------------------------------------

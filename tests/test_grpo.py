@@ -1,10 +1,13 @@
 """GRPO's pure functions against hand-computed values, and its loop on the toy env."""
 
+import math
+
 import pytest
 import torch
 
 from algos.config import ConfigError
-from algos.grpo import GRPOConfig, first_episode_mask, group_reset_keys, grpo_advantages, informative_groups, train
+from algos.grpo import (GRPOConfig, first_episode_mask, group_reset_keys, grpo_advantages, informative_groups, train,
+                        update)
 from envs.config import EnvConfig
 from models.mlp import MLPConfig
 from tests.algos_toy_env import ToyEnv
@@ -75,3 +78,27 @@ def test_grpo_loop_on_toy_env_groups_start_identically_and_critic_is_untouched(t
     h = out["history"][-1]
     assert h["rollout/groups_kept"] == 1.0 and h["rollout/decisions"] > 0
     assert abs(h["rollout/advantages_mean"]) < 1e-5  # group-normalised advantages average to zero
+
+
+def test_an_update_without_rows_leaves_params_and_optimizer_alone():
+    """Every group filtered out: no AdamW step (its momentum and weight decay would move the params anyway)."""
+    from models.mlp import MLPPolicy
+    from algos.run import Run, make_optimizer
+
+    cfg = GRPOConfig(env=EnvConfig(task="toy", num_envs=2, device="cpu"), mlp=MLPConfig(hidden_sizes=(8,)),
+                     num_minibatches=2, weight_decay=0.1, learning_rate=1e-2)
+    policy = MLPPolicy(2, 1, cfg.mlp)
+    params = policy.init(0)
+    run = Run(cfg, "grpo", 0, 1, torch.device("cpu"), torch.Generator().manual_seed(0), None, None, False)
+    optimizer = make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rows = policy.sample(params, {"state": torch.randn(4, 2, generator=g)}, "", g)
+    rows["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    update(cfg, policy, params, optimizer, rows, run)  # a real step first: AdamW now has momentum
+    before = {n: t.detach().clone() for n, t in params.items()}
+    steps = [s["step"].item() for s in optimizer.state.values()]
+    metrics = update(cfg, policy, params, optimizer, {k: v[:0] for k, v in rows.items()}, run)
+    assert all(torch.equal(params[n], before[n]) for n in before)
+    assert [s["step"].item() for s in optimizer.state.values()] == steps
+    assert all(math.isnan(v) for v in metrics.values())  # no minibatch step to report

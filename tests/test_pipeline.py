@@ -30,19 +30,19 @@ def _assert_equal(a: dict, b: dict, what: str) -> None:
         assert torch.equal(a[k], b[k]), f"{what}: {k!r} differs"
 
 
-def _rollouts(env, policy, params, rounds: int, decisions: int, stop_when_all_done: bool = False) -> list:
+def _rollouts(env, policy, params, rounds: int, decisions: int, first_episodes: bool = False) -> list:
     """`rounds` rollouts in a row from reset(seed=3), the obs and success flags carried, the same sampling seed."""
     run, out = _run(), []
     obs = env.reset(seed=3)
     seen = torch.zeros(env.num_envs, dtype=torch.bool)
     for _ in range(rounds):
-        batch, obs, stats = collect_rollout(env, policy, params, obs, decisions, run, seen, stop_when_all_done)
+        batch, obs, stats = collect_rollout(env, policy, params, obs, decisions, run, seen, first_episodes)
         out.append((batch, obs, seen.clone(), stats))
     return out
 
 
-@pytest.mark.parametrize("stop_when_all_done", [False, True])
-def test_worker_stages_equal_the_same_stages_in_this_process(stop_when_all_done):
+@pytest.mark.parametrize("first_episodes", [False, True])
+def test_worker_stages_equal_the_same_stages_in_this_process(first_episodes):
     """Two stages of a camera toy env in worker processes (the policy samples one stage while the other plays)
     against the same two envs here, played one after the other: batches, obs (uint8 images through shared memory),
     success flags, episode sums and step counts are equal. GRPO's early stop included."""
@@ -53,10 +53,10 @@ def test_worker_stages_equal_the_same_stages_in_this_process(stop_when_all_done)
     with EnvWorkers(ToyCameraEnv, cfg, stages=2) as workers:
         assert workers.num_envs == 6 and workers.stage_envs == 3 and workers.num_views == 1
         assert workers.instruction == "stay near the middle"
-        pipelined = _rollouts(workers, policy, params, rounds=3, decisions=4, stop_when_all_done=stop_when_all_done)
+        pipelined = _rollouts(workers, policy, params, rounds=3, decisions=4, first_episodes=first_episodes)
         state = workers.state_dict()
     local_envs = LocalStages([ToyCameraEnv(half), ToyCameraEnv(half)])
-    local = _rollouts(local_envs, policy, params, rounds=3, decisions=4, stop_when_all_done=stop_when_all_done)
+    local = _rollouts(local_envs, policy, params, rounds=3, decisions=4, first_episodes=first_episodes)
     for r, ((b1, o1, s1, st1), (b2, o2, s2, st2)) in enumerate(zip(pipelined, local)):
         _assert_equal(b1, b2, f"rollout {r} batch")
         _assert_equal(o1, o2, f"rollout {r} obs")
@@ -65,7 +65,7 @@ def test_worker_stages_equal_the_same_stages_in_this_process(stop_when_all_done)
         assert b1["reward"].shape[1] == 6 and st1.env_time > 0
     assert any(st.episodes.sums[0, 3] > 0 for *_, st in pipelined), "episodes should end within the rollouts"
     _assert_equal(state, local_envs.state_dict(), "env state")
-    if not stop_when_all_done:
+    if not first_episodes:
         assert pipelined[0][0]["reward"].shape[0] == 4
 
 

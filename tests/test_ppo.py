@@ -7,8 +7,11 @@ import types
 import pytest
 import torch
 
-from algos.ppo import adaptive_lr, clipped_policy_loss, gae, minibatch_indices, normalize, value_loss
+from algos.config import ConfigError
+from algos.ppo import (PPOConfig, adaptive_lr, check_config, clipped_policy_loss, gae, minibatch_indices, normalize,
+                        value_loss)
 from algos.rollout import collect_rollout, recompute_logprob
+from envs.config import EnvConfig
 
 T, F = True, False
 
@@ -95,6 +98,18 @@ def test_chunked_rollout_and_gae_hand_computed():
     # env 0: t1: 3 + 1 - 1 = 3; t0: 3 + .5 - 1 + .25*3 = 3.25.  env 1: t1 (truncated, V=1): 24 + .5 - 1 = 23.5;
     # t0 (terminated): 3 - 1 = 2
     assert adv.tolist() == [[3.25, 2.0], [3.0, 23.5]]
+
+
+def test_first_episodes_rollout_counts_each_envs_first_episode_alone():
+    """GRPO's rollout: env 1's second episode (return 80, 5 steps, a success) ends while env 0 is still in its
+    first; the env/* means count env 1's first episode alone (counting the second too would favour short ones)."""
+    env, run = ScriptedEnv(), types.SimpleNamespace(device=torch.device("cpu"), generator=None,
+                                                   autocast=contextlib.nullcontext)
+    batch, _, stats = collect_rollout(env, ChunkPolicy(), {}, {"state": torch.zeros(2, 1)}, 2, run,
+                                      torch.zeros(2, dtype=torch.bool), first_episodes=True)
+    assert batch["reward"].tolist() == [[3.0, 3.0], [3.0, 24.0]]  # the same decisions as the plain rollout's
+    assert stats.episodes.metrics() == {"env/episode_return": 20.0, "env/episode_len": 2.0, "env/success_once": 0.0,
+                                        "env/reached_halfway": 0.0, "env/episodes": 1.0}
 
 
 def test_chunk_leftovers_after_an_episode_end_are_the_idle_action():
@@ -199,3 +214,12 @@ def test_recompute_logprob_runs_evaluate_with_autograd_as_the_update_and_detache
     logprob, gap = recompute_logprob(GradPolicy(), {}, {"x": x, "logprob": 2 * x}, 2, run)
     assert GradPolicy.grad_modes == [True, True]
     assert not logprob.requires_grad and not gap.requires_grad and logprob.tolist() == (2 * x).tolist()
+
+
+def test_minibatches_are_checked_against_each_ranks_rows(monkeypatch):
+    """--env.num-envs is the total over DDP ranks: 2 envs on 2 ranks give each rank 1 row per decision."""
+    cfg = PPOConfig(policy="mlp", env=EnvConfig(task="toy", num_envs=2, device="cpu"), num_steps=1, num_minibatches=2)
+    check_config(cfg)  # one process: 2 rows
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--num-minibatches 2 exceeds the 1 rows of each of the 2 DDP rank"):
+        check_config(cfg)
