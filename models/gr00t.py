@@ -788,11 +788,12 @@ class Gr00tPolicy:
         return self._as_params(self._random_tensors(seed, lambda: Gr00tModel(self.cfg)))
 
     def _random_tensors(self, seed: int, build: Callable[[], nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        # Drawn on the CPU whatever the device: a GPU's random streams differ from the CPU's (and between GPU models),
+        # and a run's checkpoints store only its trainable params, redrawing the frozen ones from the seed wherever
+        # the run is resumed or evaluated.
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            with torch.device(self.device):
-                module = build()
+            module = build()
         return {prefix + n: p.detach() for n, p in module.named_parameters()}
 
     def _as_params(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -458,6 +458,17 @@ def test_same_seed_same_actions(policy, params, obs, out):
     assert not torch.equal(other["chain"], out["chain"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_random_init_is_the_same_on_every_device(params):
+    """A run's checkpoints keep only trainable params and redraw the frozen ones from the seed where the run is
+    resumed or evaluated, so a GPU run evaluated on the CPU (or another GPU model) must get the same weights."""
+    on_gpu = Gr00tPolicy(Gr00tConfig.preset("gr00t-tiny"), "cuda", metadata=make_metadata(),
+                         compute_dtype=torch.float32).init(seed=0)
+    assert on_gpu.keys() == params.keys()
+    for name, t in params.items():
+        assert torch.equal(on_gpu[name].cpu(), t), name
+
+
 def test_inference_params_act_like_the_params_in_the_compute_dtype(obs):
     policy = Gr00tPolicy(Gr00tConfig.preset("gr00t-tiny"), metadata=make_metadata(), compute_dtype=torch.bfloat16)
     params = policy.init(seed=0)
