@@ -107,7 +107,7 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
         policy, params, _ = make_rl_policy(train_cfg, env, device, bf16, base)
     else:
         policy, params, _ = sft.make_sft_policy(train_cfg, Spaces.of(env), device, bf16, base)
-    load_params_into(ckpt, params)
+    load_params_into(ckpt, policy, params)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out_dir = Path(cfg.output) if cfg.output else ckpt.parent.parent / "eval" / ckpt.name
     out_dir.mkdir(parents=True, exist_ok=True)

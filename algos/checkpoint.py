@@ -82,6 +82,18 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1].parent
 
 
+def later_checkpoints(run_dir: Path, ckpt: Path) -> list[str]:
+    """The checkpoints in `run_dir` past `ckpt` (by iteration)."""
+    found = sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*/state.json"))
+    return [f.parent.name for f in found if f.parent.name > ckpt.name]
+
+
+def resume_step(resume: str) -> int:
+    """The step the resumed checkpoint's run had logged its metrics at (RL: env steps; SFT: iterations)."""
+    meta = json.loads((find_checkpoint(resume) / "state.json").read_text())
+    return meta.get("global_step", meta["iteration"])
+
+
 def checkpoint_base(resume: str | None) -> dict | None:
     """The `base` recorded in the checkpoint that --resume names (None when not resuming)."""
     if not resume:
@@ -122,11 +134,16 @@ def save_checkpoint(run: Run, iteration: int, counters: dict[str, Any], policy: 
                 "policy": {"name": run.cfg.policy, "base": base, "trainable": sorted(trainable_params(policy, params))},
                 "optimizer": opt_meta, "config": config_dict(run.cfg), "rng": [s["rng"] for s in gathered]}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # re-saving the same iteration (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        replaced = root / f".old-{final.name}-{os.getpid()}"
+        if final.exists():  # re-saving the same iteration (after a resume): move it aside, never leave it half gone
+            os.rename(final, replaced)
         os.rename(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[: -max(run.cfg.keep_last, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # (no later ones: check_run_config refuses such a resume)
+        for stale in root.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # what crashed runs left half written
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
         if run.logger is not None:
             run.logger.flush()
     if run.world_size > 1:
@@ -148,7 +165,7 @@ def load_checkpoint(run: Run, path: str | Path, policy: Policy, params: Params,
     """Restore params (in place), optimizer state and this rank's RNG. Returns (state.json, this rank's carry)."""
     ckpt = find_checkpoint(path)
     meta = json.loads((ckpt / "state.json").read_text())
-    load_params_into(ckpt, params)
+    load_params_into(ckpt, policy, params)
     if optimizer is not None:
         tensors = load_file(ckpt / "optimizer.safetensors", device=str(run.device))
         groups = [{k: tuple(v) if isinstance(v, list) and k not in ("params", "param_names") else v
@@ -175,16 +192,36 @@ def load_checkpoint(run: Run, path: str | Path, policy: Policy, params: Params,
     return meta, carry
 
 
-def load_params_into(ckpt: Path, params: Params) -> None:
-    """Copy a checkpoint's trainable params and normaliser into `params` (whose frozen part is the base)."""
-    for file in ("policy.safetensors", "normalizer.safetensors"):
-        if not (ckpt / file).is_file():
+def load_params_into(ckpt: Path, policy: Policy, params: Params) -> None:
+    """Copy a checkpoint's trainable params and normaliser into `params` (whose frozen part is the base). Strict:
+    policy.safetensors must hold exactly the trainable params state.json lists, which must be those `policy`
+    trains, and normalizer.safetensors exactly the policy's normaliser."""
+    meta = json.loads((ckpt / "state.json").read_text())
+    expected = {"policy.safetensors": set(meta["policy"]["trainable"]),
+                "normalizer.safetensors": set(policy.normalizer_names)}
+    trains = set(trainable_params(policy, params))
+    if expected["policy.safetensors"] != trains:
+        raise ValueError(f"{ckpt}: it trained {_names(expected['policy.safetensors'] - trains)} that this policy "
+                         f"does not, and this policy trains {_names(trains - expected['policy.safetensors'])} that it "
+                         "did not (was the policy or a --tune-* flag changed?)")
+    for file, names in expected.items():
+        if not names:
             continue
-        for name, t in load_file(ckpt / file).items():
-            if name not in params:
-                raise ValueError(f"{ckpt / file}: {name!r} is not a parameter of this policy")
-            with torch.no_grad():
+        if not (ckpt / file).is_file():
+            raise ValueError(f"{ckpt}: {file} is missing (a checkpoint copied in part?)")
+        tensors = load_file(ckpt / file)
+        if set(tensors) != names:
+            raise ValueError(f"{ckpt / file}: missing {_names(names - set(tensors))}, unexpected "
+                             f"{_names(set(tensors) - names)}")
+        with torch.no_grad():
+            for name, t in tensors.items():
                 params[name].copy_(t)
+
+
+def _names(names: set[str], most: int = 5) -> str:
+    shown = sorted(names)
+    return "none" if not shown else ", ".join(shown[:most]) + (f" and {len(shown) - most} more" if len(shown) > most
+                                                               else "")
 
 
 def carry_state(env: Env | None, obs: dict[str, torch.Tensor], success_seen: torch.Tensor) -> dict[str, torch.Tensor]:

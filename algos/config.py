@@ -114,7 +114,7 @@ def check_range(cfg: Any, name: str, low: float, high: float = math.inf, closed:
 
 
 def check_run_config(cfg: RunConfig) -> None:
-    from algos.checkpoint import find_checkpoint
+    from algos.checkpoint import find_checkpoint, later_checkpoints
 
     check_positive(cfg, "num_iterations", "save_every", "keep_last")
     if cfg.gr00t_image_size is not None and (cfg.gr00t_image_size < 14 or cfg.gr00t_image_size % 14):
@@ -123,7 +123,13 @@ def check_run_config(cfg: RunConfig) -> None:
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ConfigError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
     if cfg.resume:
-        find_checkpoint(cfg.resume)
+        ckpt = find_checkpoint(cfg.resume)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else ckpt.parent.parent
+        later = later_checkpoints(run_dir, ckpt)
+        if later:
+            raise ConfigError(f"--resume {ckpt}: {run_dir} holds later checkpoints ({', '.join(later)}), which a "
+                              "continuation from there would mix with its own: resume from the newest, or pass "
+                              "--run-dir with a new directory")
 
 
 def check_rl_config(cfg: RLConfig) -> None:

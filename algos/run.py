@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
 
 def start_run(cfg: RunConfig, algo: str, device: str) -> Run:
     """Join the process group, seed everything, pick the run directory and (rank 0) open the logger."""
-    from algos.checkpoint import find_checkpoint
+    from algos.checkpoint import find_checkpoint, resume_step
 
     joined_before = dist.is_initialized()
     rank, world_size, dev = setup_distributed(device)
@@ -80,7 +81,7 @@ def start_run(cfg: RunConfig, algo: str, device: str) -> Run:
         else:
             run_dir = Path("runs") / f"{cfg.exp_name}__{algo}__{cfg.seed}__{int(time.time())}"
         run_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run_dir, cfg, algo) if rank == 0 else None
+    logger = Logger(run_dir, cfg, algo, resume_step(cfg.resume) if cfg.resume else None) if rank == 0 else None
     return Run(cfg, algo, rank, world_size, dev, generator, run_dir, logger, uses_bf16(cfg.precision, dev),
                owns_process_group=dist.is_initialized() and not joined_before)
 
@@ -283,15 +284,25 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_gra
 # Logging: TensorBoard always, W&B with --track, the same scalars as JSON lines; the config is saved with the run.
 # ------------------------------------------------------------------------------------------------------------------
 class Logger:
-    def __init__(self, run_dir: Path, cfg: RunConfig, algo: str):
+    def __init__(self, run_dir: Path, cfg: RunConfig, algo: str, resumed_at: int | None = None):
+        """`resumed_at`: the step of the checkpoint a resumed run continues from; what the earlier run logged
+        after it (before it stopped) is dropped, in metrics.jsonl and TensorBoard, as the resumed run logs it anew."""
         from torch.utils.tensorboard import SummaryWriter
 
         config = {"algo": algo, **config_dict(cfg)}
         (run_dir / "config.json").write_text(json.dumps(config, indent=1))
-        self.writer = SummaryWriter(str(run_dir))
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
         self.writer.add_text("config", "\n".join(f"|{k}|{v}|" for k, v in config.items()))
         # the same scalars, one JSON line per log call, with the wall-clock time, for scripts
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        jsonl = run_dir / "metrics.jsonl"
+        if resumed_at is not None and jsonl.is_file():
+            kept = [line for line in jsonl.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resumed_at]
+            tmp = jsonl.with_name(f".{jsonl.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, jsonl)
+        self.jsonl = open(jsonl, "a")
         self.wandb = None
         if cfg.track:
             import wandb

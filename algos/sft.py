@@ -205,7 +205,9 @@ def metadata_from_demos(demos: Demonstrations, embodiment_tag: str = "new_embodi
 
 
 def learning_rate(step: int, total: int, peak: float, warmup_ratio: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to 0 (GR00T's schedule)."""
+    """Linear warm-up to `peak`, then cosine decay to 0 over the remaining steps: the shape of GR00T's schedule
+    (transformers' cosine with warm-up). The warm-up lasts round(warmup_ratio x total) steps, at least 1, and its
+    last step is at `peak`; transformers' lasts ceil(warmup_ratio x total) steps and starts at 0."""
     warmup = max(1, int(round(warmup_ratio * total)))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -248,10 +250,10 @@ def train(cfg: SFTConfig) -> dict:
     policy, params, base = make_sft_policy(cfg, demos.spaces(cfg.env.task), run.device, run.bf16,
                                            checkpoint.checkpoint_base(cfg.resume), metadata_from_demos(demos))
     optimizer = make_optimizer(policy, params, cfg.learning_rate, None, cfg.weight_decay, include_value=False)
-    start = 0
+    start, frames_seen = 0, 0
     if cfg.resume:
         meta, _ = checkpoint.load_checkpoint(run, cfg.resume, policy, params, optimizer)
-        start = meta["iteration"]
+        start, frames_seen = meta["iteration"], meta["frames_seen"]
     horizon = policy.cfg.action_horizon
     if run.is_main:
         print(f"sft: {len(demos)} frames, action horizon {horizon}, "
@@ -267,7 +269,7 @@ def train(cfg: SFTConfig) -> dict:
     next_batch = loader.submit(gather, start)
     metrics: dict[str, float] = {}
     bar = progress(run, start, cfg.num_iterations)
-    started, frames_seen = time.perf_counter(), 0
+    started, frames_here = time.perf_counter(), 0  # frames since this process started (for the rate)
     for step in bar:
         lr = learning_rate(step, cfg.num_iterations, cfg.learning_rate, cfg.warmup_ratio)
         for group in optimizer.param_groups:
@@ -284,11 +286,12 @@ def train(cfg: SFTConfig) -> dict:
         loss = policy.sft_loss(params, batch, generator=run.generator)
         grad_norm = optimizer_step(optimizer, loss, cfg.max_grad_norm)
         frames_seen += cfg.batch_size * run.world_size
+        frames_here += cfg.batch_size * run.world_size
         stop = out_of_time(run, started)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.num_iterations or stop:
             metrics = {"sft/loss": float(all_reduce_sum(loss.detach()) / run.world_size),
                        "actor/grad_norm": float(grad_norm), "sft/learning_rate": lr,
-                       "charts/SPS": frames_seen / (time.perf_counter() - started)}
+                       "charts/SPS": frames_here / (time.perf_counter() - started)}
             if run.logger is not None:
                 run.logger.log(metrics, step + 1)
             show(run, bar, metrics, {"loss": "sft/loss"})

@@ -129,7 +129,7 @@ def main(args: Args) -> list[dict]:
     _, _, device = setup_distributed(args.device)
     bf16 = uses_bf16(cfg.precision, device)
     policy, params, _ = sft.make_sft_policy(cfg, demos.spaces(cfg.env.task), device, bf16, state["policy"]["base"])
-    load_params_into(ckpt, params)
+    load_params_into(ckpt, policy, params)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     frames = torch.arange(0, len(demos), args.stride)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from algos.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from algos.checkpoint import (find_checkpoint, load_checkpoint, load_params_into, rng_state, save_checkpoint,
+                              set_rng_state)
 from algos.config import ConfigError, check_rl_config, config_dict, config_from_dict
 from algos.ppo import PPOConfig, minibatch_indices
 from algos.run import Run, env_metadata, make_optimizer, make_rl_policy, optimizer_step
@@ -130,10 +131,39 @@ def test_checkpoints_are_pruned_to_keep_last_and_leave_no_temp_dirs(tmp_path):
     policy = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(4,)))
     params = policy.init(0)
     opt = make_optimizer(policy, params, 1e-3, None, 0.0)
+    (tmp_path / "checkpoints" / ".tmp-iter_000009-99999").mkdir(parents=True)  # what a crashed run left
     for it in (1, 2, 3, 3):  # saving the same iteration twice replaces it
         save_checkpoint(run, it, {"global_step": it}, policy, params, {}, opt, {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000002", "iter_000003"]
     assert find_checkpoint(tmp_path).name == "iter_000003"
+
+
+def test_a_checkpoint_missing_tensors_or_files_is_a_clear_error(tmp_path):
+    """Loading is strict: a checkpoint copied in part must not leave params at their init unnoticed."""
+    from safetensors.torch import load_file, save_file
+
+    run = _run(tmp_path)
+    policy = MLPPolicy(2, 1, MLPConfig(hidden_sizes=(4,)))
+    params = policy.init(0)
+    path = save_checkpoint(run, 1, {"global_step": 1}, policy, params, {}, make_optimizer(policy, params, 1e-3,
+                                                                                           None, 0.0), {})
+    load_params_into(path, policy, policy.init(1))  # whole: fine
+    tensors = load_file(path / "policy.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "actor.0.weight"}, path / "policy.safetensors")
+    with pytest.raises(ValueError, match="policy.safetensors: missing actor.0.weight, unexpected none"):
+        load_params_into(path, policy, policy.init(1))
+    (path / "policy.safetensors").unlink()
+    with pytest.raises(ValueError, match="policy.safetensors is missing"):
+        load_params_into(path, policy, policy.init(1))
+    save_file(tensors, path / "policy.safetensors")
+    (path / "normalizer.safetensors").unlink()
+    with pytest.raises(ValueError, match="normalizer.safetensors is missing"):
+        load_params_into(path, policy, policy.init(1))
+    meta = json.loads((path / "state.json").read_text())
+    meta["policy"]["trainable"].remove("std")
+    (path / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="this policy trains std that it did not"):
+        load_params_into(path, policy, policy.init(1))
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -1,6 +1,7 @@
 """SFT: data windows, the learning-rate schedule, learning on a small dataset, checkpoint + export round trip."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -135,6 +136,9 @@ def test_sft_resumed_from_a_checkpoint_equals_a_straight_run(tmp_path):
     assert straight.keys() == resumed.keys() and len(straight) > 0
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    frames = [json.loads((tmp_path / run / "checkpoints" / "iter_000004" / "state.json").read_text())["frames_seen"]
+              for run in ("straight", "resumed")]
+    assert frames == [16, 16]  # 4 steps of batch 4, the resumed run's counter carried over
 
 
 def test_learning_rate_schedule():
@@ -192,7 +196,7 @@ def test_sft_learns_and_exports_a_loadable_model(tmp_path):
     assert _fixed_noise_loss(exported_policy, exported, demos) < 0.95 * _fixed_noise_loss(policy, initial, demos)
     # the RL-format checkpoint holds the same trainable tensors as the export
     restored = {n: p.clone() for n, p in initial.items()}
-    load_params_into(checkpoints[-1], restored)
+    load_params_into(checkpoints[-1], policy, restored)
     for name, tensor in restored.items():
         if policy.is_trainable(name):
             torch.testing.assert_close(tensor, exported[name], rtol=0, atol=0)
@@ -219,7 +223,7 @@ def test_gr00t_image_size_sets_a_presets_input_and_the_checkpoint_and_export_kee
     spaces = Spaces(train_cfg.env.task, 8, 7, 2, 32)
     policy, params, _ = sft.make_sft_policy(train_cfg, spaces, torch.device("cpu"), False, state["policy"]["base"])
     assert policy.cfg.image_size == 56 and policy.cfg.tokens_per_view == 16
-    load_params_into(ckpt, params)  # the shapes of a 56 px model
+    load_params_into(ckpt, policy, params)  # the shapes of a 56 px model
     exported, _ = Gr00tPolicy.from_pretrained(str(tmp_path / "run" / "gr00t"))
     assert exported.cfg.image_size == 56 and exported.cfg.tokens_per_view == 16
     # bad sizes, and models whose size is not a preset's to set

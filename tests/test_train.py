@@ -41,6 +41,33 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, algo, flags):
     assert state("b")["iteration"] == 4 and state("b")["global_step"] == state("a")["global_step"] > 0
 
 
+def test_a_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch, capsys):
+    """A run stopped between checkpoints (iter 4 was never written) logged iterations 3 and 4 already: resumed
+    from iter 2 it logs them anew, so metrics.jsonl and TensorBoard drop the first records of those steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr("envs.make_env", ToyEnv)
+    flags = [*SMALL, "--env.num-envs", "4", "--num-steps", "6", "--num-iterations", "4"]
+    train_script.main(["ppo", *flags, "--run-dir", str(tmp_path / "a")])
+    train_script.main(["ppo", *flags, "--run-dir", str(tmp_path / "b")])
+    checkpoints = tmp_path / "b" / "checkpoints"
+    import shutil
+    shutil.rmtree(checkpoints / "iter_000004")  # the crash
+    # a checkpoint with a later one beside it is refused: the continuation would mix with that run's future
+    with pytest.raises(SystemExit):
+        train_script.main(["ppo", "--resume", str(tmp_path / "a" / "checkpoints" / "iter_000002")])
+    assert "holds later checkpoints (iter_000004)" in capsys.readouterr().err
+    train_script.main(["ppo", "--resume", str(tmp_path / "b"), "--num-iterations", "4"])
+    records = {run: [without_timing(json.loads(line)) for line in (tmp_path / run / "metrics.jsonl").read_text()
+                     .splitlines()] for run in ("a", "b")}
+    assert [r["step"] for r in records["b"]] == [24, 48, 72, 96]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in records["b"]] == \
+           [{k: v for k, v in r.items() if k != "time"} for r in records["a"]]
+    events = EventAccumulator(str(tmp_path / "b"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("actor/loss")] == [24, 48, 72, 96]
+
+
 def test_resume_without_env_state_restarts_episodes_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr("envs.make_env", ToyEnvNoState)
     train_script.main(["ppo", *SMALL, "--env.num-envs", "2", "--num-steps", "4", "--num-iterations", "1",
