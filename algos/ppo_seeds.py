@@ -156,7 +156,7 @@ def train(cfg: PPOConfig, make_env: Callable) -> dict:
                 if cfg.lr_schedule == "adaptive" and train_policy:  # each learner's rate follows its own KL
                     factor = torch.tensor([adaptive_lr(lr, kl, cfg.desired_kl, *cfg.adaptive_lr_bounds) / lr
                                            for lr, kl in zip(lrs[False].tolist(), stats["actor/approx_kl"].tolist())],
-                                          device=device)
+                                          dtype=torch.float64, device=device)  # as lrs: a single run's floats
                     for is_value in lrs:
                         lrs[is_value] *= factor
                 # the sum's gradient w.r.t. learner k's slice is learner k's own (the learners share nothing);

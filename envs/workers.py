@@ -114,10 +114,15 @@ class StagedEnv:
     def _on_all(self, fn: StageFn, tensors: list[Tensors] | None = None, args: list[tuple] | None = None,
                 ) -> list[Tensors]:
         """fn on every stage at once (workers run them in parallel); their returned tensors, in stage order."""
+        submitted, results, error = [], [], None
         for s in range(self.num_stages):
-            self.submit(s, fn, tensors[s] if tensors else {}, *(args[s] if args else ()))
-        results, error = [], None
-        for s in range(self.num_stages):  # collect every stage before raising, so that none is left pending
+            try:
+                self.submit(s, fn, tensors[s] if tensors else {}, *(args[s] if args else ()))
+                submitted.append(s)
+            except RuntimeError as e:
+                error = error or e
+                break
+        for s in submitted:  # collect every submitted stage before raising, so that none is left pending
             try:
                 results.append(self.collect(s)[1])
             except RuntimeError as e:
@@ -209,7 +214,7 @@ class TensorPipe:
 
     def send(self, message: Any, tensors: Tensors | None = None) -> None:
         tensors = tensors or {}
-        fresh = {}
+        fresh, buffers = {}, {}
         for name, t in tensors.items():
             buffer = self.sent.get(name)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
@@ -220,18 +225,22 @@ class TensorPipe:
                     if buffer.device.type == "cpu":
                         buffer.share_memory_()
                     fresh[name] = buffer
-                self.sent[name] = buffer
+            buffers[name] = buffer
             if t.numel():
                 buffer.copy_(t.detach())
         for device in {t.device for t in tensors.values() if t.device.type == "cuda"}:
             torch.cuda.synchronize(device)  # the other process reads the buffers as soon as the message arrives
         self.conn.send((message, list(tensors), fresh))
+        self.sent.update(buffers)  # only now: a message that failed to pickle took no new buffer across
 
     def recv(self) -> tuple[Any, Tensors]:
         message, names, fresh = self.conn.recv()
         self.received.update({name: torch.empty(b[0], dtype=b[1], device=b[2]) if isinstance(b, tuple) else b
                               for name, b in fresh.items()})
-        return message, {name: self.received[name].clone() for name in names}
+        out = {name: self.received[name].clone() for name in names}
+        for device in {t.device for t in out.values() if t.device.type == "cuda"}:
+            torch.cuda.synchronize(device)  # the copies are done before the sender may refill the buffers
+        return message, out
 
 
 def _worker_main(make_env: Callable, cfg: EnvConfig, conn) -> None:
@@ -251,16 +260,18 @@ def _worker_main(make_env: Callable, cfg: EnvConfig, conn) -> None:
         except EOFError:  # the main process is gone
             env.close()
             return
+        except BaseException:  # e.g. a function this process cannot import: say so, and serve on
+            pipe.send(("error", traceback.format_exc()))
+            continue
         if fn is None:
             env.close()
             pipe.send(("closed", None))
             return
         try:
             meta, out = fn(env, tensors, *args)
-        except BaseException:
+            pipe.send(("ok", meta), out)
+        except BaseException:  # in fn, or a reply that cannot be sent (not picklable, not tensors)
             pipe.send(("error", traceback.format_exc()))
-            continue
-        pipe.send(("ok", meta), out)
 
 
 class EnvWorkers(StagedEnv):
@@ -315,7 +326,15 @@ class EnvWorkers(StagedEnv):
     def submit(self, stage: int, fn: StageFn, tensors: Tensors | None = None, *args) -> None:
         if self._pending[stage]:
             raise RuntimeError(f"pipeline stage {stage} has a result not yet collected")
-        self.pipes[stage].send((fn, args), tensors)
+        try:
+            self.pipes[stage].send((fn, args), tensors)
+            gone = False
+        except OSError:  # a broken pipe: the worker is gone (raised below, once the OSError and its frames are freed)
+            gone = True
+        if gone:
+            self.processes[stage].join(timeout=5)
+            raise RuntimeError(f"the env worker of pipeline stage {stage} exited (exit code "
+                               f"{self.processes[stage].exitcode}) before it could be asked to run {fn.__name__}")
         self._pending[stage] = fn.__name__
 
     def collect(self, stage: int) -> tuple[Any, Tensors]:
@@ -328,11 +347,12 @@ class EnvWorkers(StagedEnv):
     def close(self) -> None:
         for s, (process, pipe) in enumerate(zip(self.processes, self.pipes)):
             if process.is_alive():
-                try:
-                    if self._pending[s]:
+                try:  # a stage stuck in its work (a hung simulator) is killed below after the wait
+                    if self._pending[s] and pipe.conn.poll(30):
                         pipe.recv()
                     pipe.send((None, ()))
-                    pipe.recv()
+                    if pipe.conn.poll(30):
+                        pipe.recv()
                 except (EOFError, OSError, RuntimeError):
                     pass
             process.join(timeout=30)

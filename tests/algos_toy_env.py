@@ -185,3 +185,8 @@ def make_env_failing_in_one_stage(cfg):
 def make_failing_env(cfg):
     """An env factory that fails, as a misconfigured task would (for the worker-process error path)."""
     raise ValueError(f"no env for task {cfg.task!r}")
+
+
+def unpicklable_reply(env, tensors):
+    """A pipeline stage function whose reply cannot cross the pipe (a lambda for its meta)."""
+    return (lambda: 0), {}

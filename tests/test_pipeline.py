@@ -16,7 +16,7 @@ from envs import EnvConfig, make_env
 from envs.workers import EnvWorkers, LocalStages, TensorPipe, stage_seed
 from models.mlp import MLPConfig, MLPPolicy
 from tests.algos_toy_env import (ToyCameraEnv, ToyEnv, echo_doubled, make_env_failing_in_one_stage, make_failing_env,
-                                 without_timing)
+                                 unpicklable_reply, without_timing)
 
 
 def _run(seed: int = 0) -> types.SimpleNamespace:
@@ -137,6 +137,22 @@ def test_worker_errors_name_the_stage():
             workers.step(torch.zeros(4))  # no action dim: the stage's env.step raises
         obs, *_ = workers.step(torch.zeros(4, 1))  # the workers still serve after an error
         assert obs["state"].shape == (4, 2)
+        # a reply that cannot be sent is an error the stage reports, and it serves on
+        with pytest.raises(RuntimeError, match=r"(?s)pipeline stage 0 failed to run unpicklable_reply.*pickle"):
+            workers._on_all(unpicklable_reply)
+        # a request that cannot be sent fails here and leaves the pipe in step (its new buffer never left)
+        with pytest.raises(Exception, match="pickle"):
+            workers.submit(0, unpicklable_reply, {"actions": torch.zeros(2, 1), "fresh": torch.zeros(3)}, lambda: 0)
+        workers.submit(0, unpicklable_reply, {"fresh": torch.ones(3)})
+        with pytest.raises(RuntimeError, match="failed to run unpicklable_reply"):
+            workers.collect(0)
+        workers.step(torch.zeros(4, 1))
+        # a worker that died is named, and the other stage is not left with an uncollected result
+        workers.processes[1].kill()
+        workers.processes[1].join()
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match=r"stage 1 exited \(exit code -9\)"):
+                workers.step(torch.zeros(4, 1))
 
 
 def test_a_stage_that_fails_to_start_stops_the_stages_still_starting(tmp_path, monkeypatch):
