@@ -166,6 +166,8 @@ def evaluate(cfg: EvalConfig, make_env=None) -> dict:
     returns = np.array([e["return"] for e in episodes])
     summary = {
         "checkpoint": str(ckpt), "iteration": state["iteration"], "task": env_cfg.task, "policy": train_cfg.policy,
+        "image_size": env_cfg.image_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "deterministic": cfg.deterministic, "seed": cfg.seed, "action_exec_horizon": cfg.action_exec_horizon,
         "num_episodes": len(episodes),
         "success_rate": float(np.mean([e["success"] for e in episodes])),

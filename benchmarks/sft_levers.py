@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import write_results  # noqa: E402
 from benchmarks.stack_cube_sft_rl import sft_chain  # noqa: E402
 
-# setting name -> where it is in a results.json (the SFT config, the demos, the pipeline's eval arguments)
+# setting name -> where it is in a results.json (the SFT config, the demos, the evals' protocol); a tuple of such
+# places: the first one there (results.json files written before the newer place existed have the older one)
 SETTINGS = {
     "demos": ("sft_recipe", "demos", "episodes"),
     "demo noise": ("sft_recipe", "demos", "recording", "action_noise"),
     "policy": ("sft_recipe", "config", "policy"),
     "model px": ("sft_recipe", "config", "gr00t_image_size"),
-    "SFT steps": ("sft_recipe", "config", "num_iterations"),
+    "SFT steps": (("sft_recipe", "trained_steps"), ("sft_recipe", "config", "num_iterations")),
     "batch": ("sft_recipe", "config", "batch_size"),
     "lr": ("sft_recipe", "config", "learning_rate"),
     "vision tower trained": ("sft_recipe", "config", "tune_visual"),
@@ -41,9 +42,9 @@ SETTINGS = {
     "colour jitter": ("sft_recipe", "config", "color_jitter"),
     "SFT seed": ("sft_recipe", "config", "seed"),
     "image px": ("sft_recipe", "config", "env", "image_size"),
-    "eval actions per chunk": ("args", "eval_action_exec_horizon"),
-    "eval episodes": ("args", "eval_episodes"),
-    "eval seed": ("args", "eval_seed"),
+    "eval actions per chunk": (("eval_protocol", "action_exec_horizon"), ("args", "eval_action_exec_horizon")),
+    "eval episodes": (("eval_protocol", "num_episodes"), ("args", "eval_episodes")),
+    "eval seed": (("eval_protocol", "seed"), ("args", "eval_seed")),
 }
 # the table's setting columns: SETTINGS and, after "batch", "passes"
 COLUMNS = list(SETTINGS)
@@ -59,9 +60,11 @@ class Args:
     """Where results.md and results.json go."""
 
 
-def lookup(results: dict, path: tuple[str, ...]) -> object:
-    """The value at `path` in a results.json, None where it is missing (e.g. demos recorded before
-    meta/recording.json existed)."""
+def lookup(results: dict, path: tuple) -> object:
+    """The value at `path` in a results.json (of several paths, the first one there), None where it is missing
+    (e.g. demos recorded before meta/recording.json existed)."""
+    if path and isinstance(path[0], tuple):
+        return next((v for v in (lookup(results, p) for p in path) if v is not None), None)
     value = results
     for key in path:
         if not isinstance(value, dict) or key not in value:
@@ -85,7 +88,7 @@ def recipe_settings(results: dict) -> dict:
     passes add up."""
     chain = sft_chain(results["sft_recipe"])
     settings = {name: lookup(results, where) for name, where in SETTINGS.items()}
-    links = [(lookup(r, ("config", "num_iterations")), lookup(r, ("config", "batch_size")),
+    links = [(lookup(r, (("trained_steps",), ("config", "num_iterations"))), lookup(r, ("config", "batch_size")),
               lookup(r, ("demos", "frames"))) for r in chain]
     passes = (round(sum(steps * batch / frames for steps, batch, frames in links), 2)
               if all(steps and batch and frames for steps, batch, frames in links) else None)

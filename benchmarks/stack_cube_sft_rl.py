@@ -12,16 +12,19 @@
     python benchmarks/stack_cube_sft_rl.py --out runs/crop_more --demos runs/sft_rl_lift/demos --phases sft eval report \
         --sft-random-crop --sft-policy runs/crop/sft/gr00t --seed 2            # more SFT on from that run's model
 
-Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `demos` rewrites the dataset,
-`sft` and `rl` refuse to start over an existing run):
+Phases (`--phases` picks some; each reads what the earlier ones wrote under --out; `sft` and `rl` refuse to start
+over an existing run, `demos` over demos an SFT run there trained on, all before any phase starts):
   demos   the scripted expert's successful episodes as a LeRobot v2 dataset   (envs/record_demos.py)
   sft     GR00T (`--sft-policy`: random init, or an SFT export) trained on them   (train.py sft)
   rl      PPO (one run per --ppo-learning-rates) and GRPO from the SFT model   (train.py ppo / grpo)
   eval    every model above, same protocol: --eval-episodes episodes from --eval-seed, deterministic actions; and
           the SFT model's open-loop fit of its demos by expert phase              (benchmarks/sft_open_loop.py)
-          (a model's eval, or the fit, already under <out>/eval for its newest checkpoint is kept)
+          (a model's eval, or the fit, already under <out>/eval for its newest checkpoint, made after that
+          checkpoint and, for an eval, with this protocol, is kept)
   report  results.md / results.json (success with 95 % intervals, milestones reached) and
-          success_vs_env_steps.png (against env steps and RL minutes)
+          success_vs_env_steps.png (against env steps and RL minutes); task, protocol and GPU as the evals
+          recorded them (`--phases report` alone reads the other arguments from the <out>/args.json of the last
+          command that ran a phase)
 
 Every job is a subprocess on one GPU (CUDA_VISIBLE_DEVICES) with its log under `<out>/logs/`. Jobs of one phase
 run in parallel, one per entry of `--gpus` (default `0 0`: two jobs share GPU 0). The training curves are the runs' own rollouts
@@ -30,9 +33,11 @@ run in parallel, one per entry of `--gpus` (default `0 0`: two jobs share GPU 0)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -192,8 +197,10 @@ def run_jobs(jobs: list[Job], args: Args, gpus_per_job: int = 1) -> None:
                     env["CUDA_VISIBLE_DEVICES"] = str(gpu)
                 print(f"[{time.strftime('%H:%M:%S')}] start {job.name} (gpu {gpu}): {' '.join(job.cmd)}", flush=True)
                 log = open(logs / f"{job.name}.log", "w")
+                # a session of its own: a failure elsewhere stops the job's whole group (torchrun's workers too)
                 running[slot] = (job, subprocess.Popen(job.cmd, cwd=ROOT, env=env, stdout=log,
-                                                       stderr=subprocess.STDOUT), time.time(), log)
+                                                       stderr=subprocess.STDOUT, start_new_session=True),
+                                 time.time(), log)
         for slot, (job, proc, started, log) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -203,10 +210,23 @@ def run_jobs(jobs: list[Job], args: Args, gpus_per_job: int = 1) -> None:
                   f"{time.time() - started:.0f} s", flush=True)
             if proc.returncode != 0:
                 for _, other, _, other_log in running.values():
-                    other.kill()
+                    stop_group(other)
                     other_log.close()
                 raise SystemExit(f"error: {job.name} failed; see {logs / f'{job.name}.log'}")
         time.sleep(1.0)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to a job's process group (torchrun passes it to its workers), SIGKILL after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def python(*argv: str) -> list[str]:
@@ -282,7 +302,6 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                     "--action-noise", str(args.demo_action_noise),
                                     *env_flags(args, args.demo_num_envs, time_limit=False)))]
     if phase == "sft":
-        refuse_existing([args.out / "sft"])
         return [Job("sft", python("train.py", "sft", "--dataset", str(demos_dir(args)), "--policy", args.sft_policy,
                                   "--num-iterations", str(args.sft_iterations), "--batch-size", str(args.sft_batch_size),
                                   "--learning-rate", str(args.sft_learning_rate), "--seed", str(args.seed),
@@ -297,15 +316,16 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                   *([] if args.sft_minutes is None else ["--max-minutes", str(args.sft_minutes)]),
                                   "--device", args.device, *task_flags(args)))]
     if phase == "rl":
-        refuse_existing([args.out / name for name in rl_runs(args)])
         per_run = args.rl_gpus_per_run if args.device == "cuda" else 1
         return [Job(name, launcher(per_run, "train.py", *argv)) for name, argv in rl_runs(args).items()]
     if phase == "eval":
-        todo = {}
+        todo, skipped = {}, set()
         for name, run in models(args).items():
             if not any(run.glob("checkpoints/iter_*/state.json")):
                 print(f"eval: {name} has no checkpoint yet; skipped", flush=True)
-            elif not done_at_newest(args.out / "eval" / name / "summary.json", run, f"the eval of {name}"):
+                skipped.add(name)
+            elif not done_at_newest(args.out / "eval" / name / "summary.json", run, f"the eval of {name}",
+                                    eval_protocol(args)):
                 todo[name] = run
         return [Job(f"eval_{name}", python("eval.py", "--checkpoint", str(run), "--num-episodes", str(args.eval_episodes),
                                            "--num-envs", str(args.eval_num_envs), "--seed", str(args.eval_seed),
@@ -313,17 +333,31 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
                                            "--output", str(args.out / "eval" / name),
                                            *([] if args.eval_action_exec_horizon is None else
                                              ["--action-exec-horizon", str(args.eval_action_exec_horizon)])))
-                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" in todo and not done_at_newest(
+                for name, run in todo.items()] + ([open_loop_job(args)] if "sft" not in skipped and not done_at_newest(
                     args.out / "eval" / "sft_open_loop" / "results.json", sft_dir(args), "the open-loop fit") else [])
     return []
 
 
-def done_at_newest(results: Path, run: Path, what: str) -> bool:
+PROTOCOL = ("num_episodes", "seed", "deterministic", "action_exec_horizon")
+"""What eval.py's summary.json records of how a model was evaluated."""
+
+
+def eval_protocol(args: Args) -> dict:
+    """How every model is evaluated, as eval.py's summary.json records it."""
+    return dict(zip(PROTOCOL, (args.eval_episodes, args.eval_seed, True, args.eval_action_exec_horizon)))
+
+
+def done_at_newest(results: Path, run: Path, what: str, protocol: dict | None = None) -> bool:
     """Whether `results` (an eval's summary.json, sft_open_loop's results.json) was computed at `run`'s newest
-    checkpoint, and so is kept (the open-loop fit may be a copy from a run that evaluated the same model with
-    another --eval-action-exec-horizon: it does not depend on that)."""
-    newest = str(find_checkpoint(run))
-    if read_json(results).get("checkpoint") != newest:
+    checkpoint, after that checkpoint was written (a run made anew under the same name has a checkpoint of the
+    same name) and, for an eval, with `protocol`; then it is kept. (The open-loop fit may be a copy from a run that
+    evaluated the same model with another --eval-action-exec-horizon: it does not depend on that.)"""
+    newest = find_checkpoint(run)
+    found = read_json(results)
+    if found.get("checkpoint") != str(newest) or results.stat().st_mtime < (newest / "state.json").stat().st_mtime:
+        return False
+    if protocol is not None and any(found.get(k) != v for k, v in protocol.items()):
+        print(f"eval: {what} at {newest} used another protocol; redone", flush=True)
         return False
     print(f"eval: {what} at {newest} is there already; kept", flush=True)
     return True
@@ -354,14 +388,17 @@ def read_json(path: Path) -> dict:
 
 def sft_recipe(sft_run: Path, default_demos: Path) -> dict:
     """How an SFT model was made, as its run and its demos recorded it (sft_levers.py compares runs by these):
-    the run's config and the demos' size and recording (the dataset its config names; `default_demos` where the
-    run has no config yet); for a run that trained on from another SFT run's export, that run's recipe under
-    "continues"."""
+    the run's config, the steps it made and the demos' size and recording (the dataset its config names;
+    `default_demos` where the run has no config yet); for a run that trained on from another SFT run's export, that
+    run's recipe under "continues"."""
     config = read_json(sft_run / "config.json")
     demos = Path(config["dataset"]) if config else default_demos
     info = read_json(demos / "meta" / "info.json")
+    newest = sorted(sft_run.glob("checkpoints/iter_*/state.json"))
     recipe = {"config": config, "demos": {"episodes": info.get("total_episodes"), "frames": info.get("total_frames"),
-                                          "recording": read_json(demos / "meta" / "recording.json")}}
+                                          "recording": read_json(demos / "meta" / "recording.json")},
+              # the steps it made (--sft-minutes may stop it before its --num-iterations)
+              "trained_steps": read_json(newest[-1]).get("iteration") if newest else None}
     start = Path(config.get("policy", ""))
     earlier = read_json(start.parent / "config.json") if (start / "config.json").is_file() else {}
     if "dataset" in earlier and start.parent.resolve() != sft_run.resolve():  # an export in another SFT run
@@ -376,6 +413,17 @@ def sft_chain(recipe: dict) -> list[dict]:
         chain.insert(0, recipe)
         recipe = recipe.get("continues")
     return chain
+
+
+def recorded_protocol(evals: dict[str, dict]) -> dict:
+    """The eval protocol the summaries share (episodes, seed, deterministic, actions per chunk); one that differs
+    between the models' evals, or a task that does, is an error: their numbers would not compare."""
+    keys = ("task", *PROTOCOL)
+    seen = {k: {json.dumps(e.get(k)) for e in evals.values() if k in e} for k in keys}
+    mixed = {k: sorted(v) for k, v in seen.items() if len(v) > 1}
+    if mixed:
+        raise SystemExit(f"error: the evals under the output folder differ in {mixed}: rerun the eval phase")
+    return {k: json.loads(next(iter(v))) for k, v in seen.items() if v and k != "task"}
 
 
 def report(args: Args) -> dict:
@@ -393,7 +441,8 @@ def report(args: Args) -> dict:
         state = json.loads((Path(e["checkpoint"]) / "state.json").read_text())
         curve = [r for r in curves.get(name, []) if r["step"] <= state.get("global_step", 0)]
         successes = round(e["success_rate"] * e["num_episodes"])
-        rows.append({"model": name, "success_rate": e["success_rate"], "episodes": e["num_episodes"],
+        rows.append({"model": name, "task": e.get("task"), "success_rate": e["success_rate"],
+                     "episodes": e["num_episodes"],
                      "ci95": success_interval(successes, e["num_episodes"]),
                      "milestone_rates": e.get("milestone_rates", {}),
                      "iteration": None if name == "sft" else state["iteration"],
@@ -406,20 +455,21 @@ def report(args: Args) -> dict:
         r["gain_points"] = 100 * (r["success_rate"] - sft["success_rate"]) if rl else None
         # the gain stands clear of the noise when the two 95 % intervals do not overlap
         r["clear_of_sft"] = (r["ci95"][0] > sft["ci95"][1] or r["ci95"][1] < sft["ci95"][0]) if rl else None
-    device = "CPU"
-    if args.device == "cuda":
-        import torch
-
-        device = torch.cuda.get_device_name(args.gpus[0]) if torch.cuda.is_available() else "cuda (unknown)"
+    protocol = recorded_protocol(evals)
+    device = ", ".join(sorted({e.get("device", "?") for e in evals.values()})) or "?"
+    task = next((e["task"] for e in evals.values() if "task" in e), args.task)
+    image_size = next((e["image_size"] for e in evals.values() if "image_size" in e), args.image_size)
     # the GR00T preset the model started from: the first SFT run's --policy (a later run's names an export)
     chain = sft_chain(recipe)
     policy = chain[0]["config"].get("policy", args.sft_policy) if chain[0]["config"] else args.sft_policy
     continued = f" ({len(chain)} SFT runs in a row)" if len(chain) > 1 else ""
-    executed = ("" if args.eval_action_exec_horizon is None else
-                f", the first {args.eval_action_exec_horizon} actions of each chunk executed")
-    lines = [f"`{args.task}` ({args.image_size} px), GR00T `{policy}`: SFT on {recipe['demos']['episodes'] or '?'} "
-             f"expert demos{continued}, then RL; {device}. Eval: {args.eval_episodes} episodes from seed "
-             f"{args.eval_seed}, deterministic actions{executed}; success with its 95 % Wilson interval.", "",
+    executed = ("" if protocol.get("action_exec_horizon") is None else
+                f", the first {protocol['action_exec_horizon']} actions of each chunk executed")
+    actions = "deterministic" if protocol.get("deterministic", True) else "sampled"
+    lines = [f"`{task}` ({image_size} px), GR00T `{policy}`: SFT on {recipe['demos']['episodes'] or '?'} "
+             f"expert demos{continued}, then RL; {device}. Eval: {protocol.get('num_episodes', '?')} episodes from "
+             f"seed {protocol.get('seed', '?')}, {actions} actions{executed}; success with its 95 % Wilson interval.",
+             "",
              "| model | success [95 % interval] | gain over SFT | intervals apart | RL iterations | RL env steps | "
              "RL time (rollout + update) |",
              "|---|---:|---:|:---:|---:|---:|---:|"]
@@ -440,8 +490,8 @@ def report(args: Args) -> dict:
                   "(`benchmarks/sft_open_loop.py`):", "", (open_loop / "results.md").read_text().strip()]
     markdown = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(markdown)
-    results = {"device": device, "args": json.loads(json.dumps(asdict(args), default=str)),
-               "sft_recipe": recipe,
+    results = {"device": device, "task": task, "eval_protocol": protocol,
+               "args": json.loads(json.dumps(asdict(args), default=str)), "sft_recipe": recipe,
                "rows": rows, "sft_open_loop": read_json(open_loop / "results.json").get("rows"),
                "curves": {k: [{m: r[m] for m in ("step", "env/success_once", "rollout/success_rate") if m in r}
                               for r in v] for k, v in curves.items()}}
@@ -482,12 +532,36 @@ def plot(args: Args, curves: dict[str, list[dict]], rows: list[dict]) -> None:
     by_steps.set_ylabel("success rate")
     by_steps.set_ylim(0, 1)
     by_steps.legend(fontsize=8)
-    fig.suptitle(f"{args.task}: SFT -> RL", fontsize=9)
+    fig.suptitle(f"{rows[0]['task'] if rows else args.task}: SFT -> RL", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out / "success_vs_env_steps.png", dpi=120)
 
 
-def main(args: Args) -> None:
+def absolute(args: Args) -> Args:
+    """The paths made absolute: the jobs run in the repository root, wherever the pipeline was started."""
+    policy = Path(args.sft_policy)
+    return dataclasses.replace(
+        args, out=args.out.resolve(), demos=args.demos and args.demos.resolve(),
+        sft_run=args.sft_run and args.sft_run.resolve(),
+        sft_policy=str(policy.resolve()) if policy.exists() else args.sft_policy)
+
+
+def stored_args(args: Args) -> Args:
+    """For `--phases report` alone: the arguments of the last command that ran a phase in --out (its args.json),
+    which name its runs; the command's own where there is none."""
+    saved = read_json(args.out / "args.json")
+    if not saved:
+        return args
+    print(f"report: the runs as {args.out / 'args.json'} names them", flush=True)
+    paths = {"out", "demos", "sft_run"}
+    fields = {f.name for f in dataclasses.fields(Args)}
+    values = {k: (Path(v) if k in paths and v is not None else v) for k, v in saved.items() if k in fields}
+    return dataclasses.replace(Args(**values), out=args.out, phases=args.phases)
+
+
+def check_phases(args: Args) -> None:
+    """Everything that would make a phase refuse or mislabel, before any phase starts (a refusal after minutes of
+    demos or SFT wastes them)."""
     if args.demos is not None and "demos" in args.phases:
         raise SystemExit(f"error: --demos {args.demos} reuses a dataset; leave out the demos phase "
                          "(e.g. --phases sft eval report)")
@@ -496,8 +570,36 @@ def main(args: Args) -> None:
                          "(e.g. --phases rl eval report)")
     if not args.rl_algos and "rl" in args.phases:
         raise SystemExit("error: --rl-algos is empty; name ppo, grpo or both")
+    if "demos" in args.phases and "sft" not in args.phases and (args.out / "sft").exists():
+        raise SystemExit(f"error: {args.out / 'sft'} was trained on the demos the demos phase would record anew; "
+                         "remove it or pick another --out")
+    if "sft" in args.phases:
+        refuse_existing([args.out / "sft"])
+        if "demos" not in args.phases:
+            recorded = read_json(demos_dir(args) / "meta" / "recording.json").get("task")
+            if recorded is not None and recorded != args.task:
+                raise SystemExit(f"error: {demos_dir(args)} holds {recorded} demos; --task is {args.task}")
+        saved = read_json(Path(args.sft_policy) / "leanvla_config.json")  # an export: its parts stay trained
+        for flag, on in (("tune_visual", args.sft_tune_visual), ("tune_llm", args.sft_tune_llm)):
+            if saved.get(flag) and not on:
+                raise SystemExit(f"error: --sft-policy {args.sft_policy} trained with {flag}, which SFT keeps; "
+                                 f"pass --sft-{flag.replace('_', '-')}")
+    if "rl" in args.phases:
+        refuse_existing([args.out / name for name in rl_runs(args)])
+        if "sft" not in args.phases:
+            trained = read_json(sft_dir(args) / "config.json").get("env", {}).get("task")
+            if trained is not None and trained != args.task:
+                raise SystemExit(f"error: {sft_dir(args)} was trained on {trained}; --task is {args.task}")
+
+
+def main(args: Args) -> None:
+    args = absolute(args)
+    if args.phases == ["report"]:
+        args = stored_args(args)
+    check_phases(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str))
+    if args.phases != ["report"]:
+        (args.out / "args.json").write_text(json.dumps(asdict(args), indent=1, default=str))
     for phase in PHASES:
         if phase not in args.phases:
             continue

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,22 +152,31 @@ def test_stack_cube_pipeline_commands_are_valid(tmp_path):
         "rl", stack_cube_sft_rl.Args(out=tmp_path / "defaults")) if j.name.startswith("ppo")]
     assert default_ppo.lr_schedule == "constant" and default_ppo.learning_rate == 1e-6
     assert default_ppo.value_warmup_iterations == 2 and not default_ppo.bootstrap_time_limits
-    (tmp_path / "ppo_lr3e-05").mkdir()  # an earlier run there: RL refuses to mix into it
+    (tmp_path / "ppo_lr3e-05").mkdir()  # an earlier run there: RL refuses to mix into it, before any phase starts
     with pytest.raises(SystemExit, match="ppo_lr3e-05 already exist"):
-        stack_cube_sft_rl.phase_jobs("rl", args)
+        stack_cube_sft_rl.check_phases(dataclasses.replace(args, phases=["demos", "rl"]))
     # eval covers the runs that exist, all with one protocol
     for name in ("sft", "ppo_lr1e-05", "ppo_lr3e-05"):
         (tmp_path / name / "checkpoints" / "iter_000005").mkdir(parents=True)
         (tmp_path / name / "checkpoints" / "iter_000005" / "state.json").write_text("{}")
-    (tmp_path / "eval" / "ppo_lr3e-05").mkdir(parents=True)  # evaluated at this checkpoint already
-    (tmp_path / "eval" / "ppo_lr3e-05" / "summary.json").write_text(
-        json.dumps({"checkpoint": str(tmp_path / "ppo_lr3e-05" / "checkpoints" / "iter_000005")}))
+    (tmp_path / "eval" / "ppo_lr3e-05").mkdir(parents=True)  # evaluated at this checkpoint already, this way
+    summary = tmp_path / "eval" / "ppo_lr3e-05" / "summary.json"
+    protocol = {"num_episodes": 256, "seed": 12345, "deterministic": True, "action_exec_horizon": 8}
+    summary.write_text(json.dumps({"checkpoint": str(tmp_path / "ppo_lr3e-05" / "checkpoints" / "iter_000005"),
+                                   **protocol}))
     *evals, open_loop = stack_cube_sft_rl.phase_jobs("eval", args)
     assert [job.name for job in evals] == ["eval_sft", "eval_ppo_lr1e-05"] and open_loop.name == "open_loop_sft"
     open_loop_args = tyro.cli(sft_open_loop.Args, args=open_loop.cmd[2:])
     assert open_loop_args.run == tmp_path / "sft" and open_loop_args.out == tmp_path / "eval" / "sft_open_loop"
     cfgs = [tyro.cli(eval_script.EvalConfig, args=job.cmd[2:]) for job in evals]
     assert {(c.num_episodes, c.seed, c.deterministic, c.action_exec_horizon) for c in cfgs} == {(256, 12345, True, 8)}
+    # an eval with another protocol is redone, and so is one older than its checkpoint (a run made anew)
+    later = stack_cube_sft_rl.phase_jobs("eval", dataclasses.replace(args, eval_seed=7))
+    assert "eval_ppo_lr3e-05" in [job.name for job in later]
+    state = tmp_path / "ppo_lr3e-05" / "checkpoints" / "iter_000005" / "state.json"
+    os.utime(summary, (state.stat().st_mtime - 10, state.stat().st_mtime - 10))
+    assert "eval_ppo_lr3e-05" in [job.name for job in stack_cube_sft_rl.phase_jobs("eval", args)]
+    summary.write_text(summary.read_text())
     # the open-loop fit does not depend on --eval-action-exec-horizon: one of this checkpoint is kept
     (tmp_path / "eval" / "sft_open_loop").mkdir()
     (tmp_path / "eval" / "sft_open_loop" / "results.json").write_text(
@@ -219,6 +229,58 @@ def test_stack_cube_pipeline_stops_at_a_failed_job(tmp_path):
     with pytest.raises(SystemExit, match="bad failed; see .*bad.log"):
         stack_cube_sft_rl.run_jobs(jobs, args)
     assert (tmp_path / "logs" / "ok.log").read_text() == "fine\n"
+
+
+def test_a_failed_job_stops_the_whole_process_group_of_the_job_beside_it(tmp_path):
+    """As torchrun's workers: a job's child process goes with it when a job beside it fails."""
+    args = stack_cube_sft_rl.Args(out=tmp_path, gpus=[0, 0])
+    parent = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(120)']); open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(120)")
+    jobs = [stack_cube_sft_rl.Job("parent", [sys.executable, "-c", parent, str(tmp_path / "child.pid")]),
+            stack_cube_sft_rl.Job("bad", [sys.executable, "-c", "import time; time.sleep(3); raise SystemExit(3)"])]
+    with pytest.raises(SystemExit, match="bad failed"):
+        stack_cube_sft_rl.run_jobs(jobs, args)
+    child = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):  # the group got SIGTERM; the child is reaped by init shortly after
+        if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the job's child {child} is still running")
+
+
+def test_stack_cube_pipeline_checks_every_phase_before_it_starts(tmp_path, monkeypatch):
+    stack = "IsaacContrib-Stack-Cube-Franka-IK-Rel-Visuomotor"
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(SystemExit, match="sft was trained on the demos the demos phase would record anew"):
+        stack_cube_sft_rl.main(stack_cube_sft_rl.Args(out=tmp_path, phases=["demos"]))
+    demos = tmp_path / "other" / "demos"
+    (demos / "meta").mkdir(parents=True)
+    (demos / "meta" / "recording.json").write_text(json.dumps({"task": stack}))
+    with pytest.raises(SystemExit, match=f"holds {stack} demos; --task is Leanvla-Lift"):
+        stack_cube_sft_rl.main(stack_cube_sft_rl.Args(out=tmp_path / "new", demos=demos, phases=["sft"]))
+    (tmp_path / "sft" / "config.json").write_text(json.dumps({"env": {"task": stack}}))
+    with pytest.raises(SystemExit, match=f"was trained on {stack}; --task is Leanvla-Lift"):
+        stack_cube_sft_rl.main(stack_cube_sft_rl.Args(out=tmp_path / "new", sft_run=tmp_path / "sft", phases=["rl"]))
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "leanvla_config.json").write_text(json.dumps({"tune_visual": True, "tune_llm": True}))
+    with pytest.raises(SystemExit, match="trained with tune_llm, which SFT keeps; pass --sft-tune-llm"):
+        stack_cube_sft_rl.main(stack_cube_sft_rl.Args(out=tmp_path / "new", demos=demos, task=stack,
+                                                      sft_policy=str(export), phases=["sft"]))
+    # a relative --out is the caller's, though the jobs run in the repository root
+    monkeypatch.chdir(tmp_path)
+    assert stack_cube_sft_rl.absolute(stack_cube_sft_rl.Args(out=Path("rel"))).out == tmp_path / "rel"
+
+
+def test_stack_cube_report_alone_takes_the_runs_from_the_stored_arguments(tmp_path, monkeypatch):
+    args = stack_cube_sft_rl.Args(out=tmp_path, ppo_learning_rates=[3e-7], rl_algos=["ppo"])
+    (tmp_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), default=str))
+    reported = []
+    monkeypatch.setattr(stack_cube_sft_rl, "report", lambda a: reported.append(list(stack_cube_sft_rl.models(a))))
+    stack_cube_sft_rl.main(stack_cube_sft_rl.Args(out=tmp_path, phases=["report"]))  # the defaults name other runs
+    assert reported == [["sft", "ppo_lr3e-07"]]
+    assert json.loads((tmp_path / "args.json").read_text())["ppo_learning_rates"] == [3e-7]  # not overwritten
 
 
 def test_stack_cube_pipeline_runs_jobs_side_by_side_on_shared_gpus(tmp_path):
@@ -387,16 +449,16 @@ def test_sft_throughput_refuses_a_warmup_that_leaves_nothing_to_time(tmp_path):
 
 
 def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int | None,
-                 policy: str = "gr00t-small") -> Path:
+                 policy: str = "gr00t-small", trained_steps: int = 2500) -> Path:
     """A stack_cube_sft_rl.py output folder with only an evaluated SFT model: its config, demos meta, export
-    (config.json alone) and eval."""
+    (config.json alone) and eval (its summary.json with the protocol, as eval.py writes it)."""
     demos = out / "demos"
     (demos / "meta").mkdir(parents=True)
     (demos / "meta" / "info.json").write_text(json.dumps({"total_episodes": 600, "total_frames": 220_000}))
     (demos / "meta" / "recording.json").write_text(json.dumps({"action_noise": 0.01}))
-    ckpt = out / "sft" / "checkpoints" / "iter_002500"
+    ckpt = out / "sft" / "checkpoints" / f"iter_{trained_steps:06d}"
     ckpt.mkdir(parents=True)
-    (ckpt / "state.json").write_text(json.dumps({"iteration": 2500}))
+    (ckpt / "state.json").write_text(json.dumps({"iteration": trained_steps}))
     (out / "sft" / "gr00t").mkdir()
     (out / "sft" / "gr00t" / "config.json").write_text("{}")
     (out / "sft" / "config.json").write_text(json.dumps(
@@ -405,10 +467,10 @@ def fake_sft_run(out: Path, successes: int, random_crop: bool, exec_horizon: int
          "env": {"image_size": 128}}))
     (out / "eval" / "sft").mkdir(parents=True)
     (out / "eval" / "sft" / "summary.json").write_text(json.dumps(
-        {"checkpoint": str(ckpt), "success_rate": successes / 256, "num_episodes": 256,
+        {"checkpoint": str(ckpt), "success_rate": successes / 256, "num_episodes": 256, "seed": 12345,
+         "deterministic": True, "action_exec_horizon": exec_horizon, "task": "IsaacContrib-Stack-Cube", "device": "CPU",
          "milestone_rates": {"reach_red": 0.9, "place_green": successes / 256}}))
-    stack_cube_sft_rl.report(stack_cube_sft_rl.Args(out=out, rl_algos=[], device="cpu",
-                                                    eval_action_exec_horizon=exec_horizon))
+    stack_cube_sft_rl.report(stack_cube_sft_rl.Args(out=out, rl_algos=[], device="cpu"))
     return out
 
 
@@ -431,6 +493,16 @@ def test_sft_levers_table_shows_only_the_settings_that_differ(tmp_path):
     assert "deterministic actions;" in (runs[0] / "results.md").read_text()
     with pytest.raises(SystemExit, match="results.json is missing"):
         sft_levers.main(sft_levers.Args(runs=[tmp_path / "nowhere"], out=tmp_path / "levers"))
+    # a run that --sft-minutes stopped early shows the steps it made, not the ones planned
+    short = fake_sft_run(tmp_path / "short", 64, False, None, trained_steps=1000)
+    (row,) = sft_levers.main(sft_levers.Args(runs=[short], out=tmp_path / "levers_short"))
+    assert row["settings"]["SFT steps"] == 1000 and row["settings"]["passes"] == 0.29  # 1000 x 64 / 220,000
+    # evals of one report made with different protocols do not compare
+    summary = json.loads((runs[0] / "eval" / "sft" / "summary.json").read_text())
+    (runs[0] / "eval" / "ppo_lr1e-06").mkdir()
+    (runs[0] / "eval" / "ppo_lr1e-06" / "summary.json").write_text(json.dumps({**summary, "seed": 7}))
+    with pytest.raises(SystemExit, match="the evals under the output folder differ in {'seed': \\['12345', '7'\\]}"):
+        stack_cube_sft_rl.report(stack_cube_sft_rl.Args(out=runs[0], rl_algos=["ppo"], device="cpu"))
 
 
 def test_sft_levers_adds_up_a_model_trained_by_two_sft_runs_in_a_row(tmp_path):
