@@ -79,7 +79,9 @@ class RLConfig(RunConfig):
     None: the checkpoint's or preset's (0.5)."""
     gr00t_sde_steps: Literal["one", "all"] | None = None
     """Which of GR00T's denoising steps are stochastic in RL: `one` random step per `sample` call (RLinf) or `all`.
-    None: the checkpoint's or preset's (`one`)."""
+    A chunk's log-prob is the sum over its stochastic steps, so with `all` (4 steps) a policy ratio moves about 4
+    times as far as with `one` for the same change (RLinf averages over the steps instead). None: the checkpoint's
+    or preset's (`one`)."""
     pipeline_stages: int = 1
     """S > 1: split each rank's envs into S stages, each an env in a worker process of its own, and pipeline the
     rollout: while the policy samples one stage's next action chunk, the other stages play theirs (envs/workers.py,
