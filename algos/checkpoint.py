@@ -69,23 +69,28 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # Writing and reading checkpoints.
 # ------------------------------------------------------------------------------------------------------------------
+def checkpoint_dirs(path: str | Path) -> list[Path]:
+    """The checkpoints of a run directory (or of its checkpoints/ folder), oldest first."""
+    path = Path(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return [f.parent for f in sorted(root.glob(f"{CHECKPOINT_PREFIX}*/state.json"))] if root.is_dir() else []
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest checkpoint under a run directory."""
     path = Path(path)
     if (path / "state.json").is_file():
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = sorted(root.glob(f"{CHECKPOINT_PREFIX}*/state.json")) if root.is_dir() else []
+    found = checkpoint_dirs(path)
     if not found:
         raise ConfigError(f"no checkpoint at {path} (expected a directory with state.json, or a run "
                                 f"directory with checkpoints/{CHECKPOINT_PREFIX}*/)")
-    return found[-1].parent
+    return found[-1]
 
 
 def later_checkpoints(run_dir: Path, ckpt: Path) -> list[str]:
     """The checkpoints in `run_dir` past `ckpt` (by iteration)."""
-    found = sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*/state.json"))
-    return [f.parent.name for f in found if f.parent.name > ckpt.name]
+    return [c.name for c in checkpoint_dirs(run_dir) if c.name > ckpt.name]
 
 
 def resume_step(resume: str) -> int:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from algos.distributed import launched_world_size
 from envs.config import EnvConfig
 from models.mlp import MLPConfig
 
@@ -144,7 +144,7 @@ def check_rl_config(cfg: RLConfig) -> None:
         raise ConfigError("--compile / --cuda-graphs speed up GR00T; --policy mlp has no fast path")
     if cfg.env.num_envs < 1:
         raise ConfigError(f"--env.num-envs must be >= 1, got {cfg.env.num_envs}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if cfg.env.num_envs % world_size:
         raise ConfigError(f"--env.num-envs {cfg.env.num_envs} is not divisible by the {world_size} DDP ranks")
     check_positive(cfg, "pipeline_stages")

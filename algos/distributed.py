@@ -9,10 +9,15 @@ import torch
 import torch.distributed as dist
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun); known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """Join the torchrun process group if there is one (and it is not joined yet): NCCL on GPU, gloo on CPU.
     Returns rank, world size, device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,6 @@ clipped surrogate on the decisions of the episodes (steps after an env's first e
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 
 from algos import checkpoint
 from algos.config import ConfigError, RLConfig, check_positive, check_range, check_rl_config
-from algos.distributed import all_reduce_sum
+from algos.distributed import all_reduce_sum, launched_world_size
 from algos.ppo import check_policy_update, clipped_policy_loss, minibatch_indices
 from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
 from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_params,
@@ -138,11 +137,10 @@ def update(cfg: GRPOConfig, policy: Policy, params: Params, optimizer: torch.opt
 def check_config(cfg: GRPOConfig) -> None:
     check_rl_config(cfg)
     check_positive(cfg, "update_epochs", "num_minibatches")
-    if cfg.group_size < 2:  # a lone env is its group's mean: its advantage is always 0
-        raise ConfigError(f"--group-size must be >= 2 (advantages compare the envs of a group), got {cfg.group_size}")
+    check_range(cfg, "group_size", 2, closed=True)  # a lone env is its group's mean: its advantage is always 0
     check_range(cfg, "adv_eps", 0)
     check_policy_update(cfg)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     stage_envs = cfg.env.num_envs // world_size // cfg.pipeline_stages
     if stage_envs % cfg.group_size:
         raise ConfigError(

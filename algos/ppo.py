@@ -18,7 +18,6 @@ what a rollout holds).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from algos import checkpoint
 from algos.config import ConfigError, RLConfig, check_positive, check_range, check_rl_config
-from algos.distributed import all_reduce_sum
+from algos.distributed import all_reduce_sum, launched_world_size
 from algos.rollout import collect_rollout, logprob_gap_metric, recompute_logprob
 from algos.run import (Run, checkpoint_due, env_seed, finish_run, make_optimizer, make_rl_policy, optimizer_step,
                        out_of_time, perf_metrics, progress, rank_env_config, show, start_run, timestamp)
@@ -255,7 +254,7 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.num_seeds > 1:
         if cfg.policy != "mlp":
             raise ConfigError(f"--num-seeds {cfg.num_seeds} trains stacked MLP learners; --policy is {cfg.policy!r}")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched_world_size() > 1:
             raise ConfigError("--num-seeds > 1 runs in one process; launch it without torchrun")
         if cfg.resume:
             raise ConfigError("--resume continues one seed's run: pass that seed's directory (<run>/seed_<s>) "
@@ -270,7 +269,7 @@ def check_config(cfg: PPOConfig) -> None:
                               "instance in the training process)")
     check_rl_config(cfg)
     check_positive(cfg, "num_steps", "update_epochs", "num_minibatches")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank_rows = cfg.num_steps * (cfg.env.num_envs // world_size)
     if cfg.num_minibatches > rank_rows:
         raise ConfigError(f"--num-minibatches {cfg.num_minibatches} exceeds the {rank_rows} rows of each of the "

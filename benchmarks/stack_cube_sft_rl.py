@@ -49,7 +49,7 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from algos.checkpoint import find_checkpoint  # noqa: E402
+from algos.checkpoint import checkpoint_dirs, find_checkpoint  # noqa: E402
 
 PHASES = ("demos", "sft", "rl", "eval", "report")
 
@@ -321,7 +321,7 @@ def phase_jobs(phase: str, args: Args) -> list[Job]:
     if phase == "eval":
         todo, skipped = {}, set()
         for name, run in models(args).items():
-            if not any(run.glob("checkpoints/iter_*/state.json")):
+            if not checkpoint_dirs(run):
                 print(f"eval: {name} has no checkpoint yet; skipped", flush=True)
                 skipped.add(name)
             elif not done_at_newest(args.out / "eval" / name / "summary.json", run, f"the eval of {name}",
@@ -394,11 +394,11 @@ def sft_recipe(sft_run: Path, default_demos: Path) -> dict:
     config = read_json(sft_run / "config.json")
     demos = Path(config["dataset"]) if config else default_demos
     info = read_json(demos / "meta" / "info.json")
-    newest = sorted(sft_run.glob("checkpoints/iter_*/state.json"))
+    newest = checkpoint_dirs(sft_run)
     recipe = {"config": config, "demos": {"episodes": info.get("total_episodes"), "frames": info.get("total_frames"),
                                           "recording": read_json(demos / "meta" / "recording.json")},
               # the steps it made (--sft-minutes may stop it before its --num-iterations)
-              "trained_steps": read_json(newest[-1]).get("iteration") if newest else None}
+              "trained_steps": read_json(newest[-1] / "state.json").get("iteration") if newest else None}
     start = Path(config.get("policy", ""))
     earlier = read_json(start.parent / "config.json") if (start / "config.json").is_file() else {}
     if "dataset" in earlier and start.parent.resolve() != sft_run.resolve():  # an export in another SFT run

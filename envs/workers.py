@@ -315,9 +315,7 @@ class EnvWorkers(StagedEnv):
         try:
             (status, meta), tensors = self.pipes[stage].recv()
         except EOFError:
-            self.processes[stage].join(timeout=5)
-            raise RuntimeError(f"the env worker of pipeline stage {stage} exited (exit code "
-                               f"{self.processes[stage].exitcode}) while it was asked to {doing}") from None
+            raise self._exited(stage, f"while it was asked to {doing}") from None
         if status == "error":
             raise RuntimeError(f"the env worker of pipeline stage {stage} failed to {doing}:\n{meta}")
         self._last_tensors = tensors
@@ -332,10 +330,14 @@ class EnvWorkers(StagedEnv):
         except OSError:  # a broken pipe: the worker is gone (raised below, once the OSError and its frames are freed)
             gone = True
         if gone:
-            self.processes[stage].join(timeout=5)
-            raise RuntimeError(f"the env worker of pipeline stage {stage} exited (exit code "
-                               f"{self.processes[stage].exitcode}) before it could be asked to run {fn.__name__}")
+            raise self._exited(stage, f"before it could be asked to run {fn.__name__}")
         self._pending[stage] = fn.__name__
+
+    def _exited(self, stage: int, when: str) -> RuntimeError:
+        """The error for a worker found dead (its pipe closed), with its exit code."""
+        self.processes[stage].join(timeout=5)
+        return RuntimeError(f"the env worker of pipeline stage {stage} exited (exit code "
+                            f"{self.processes[stage].exitcode}) {when}")
 
     def collect(self, stage: int) -> tuple[Any, Tensors]:
         doing, self._pending[stage] = self._pending[stage], None
